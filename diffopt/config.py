@@ -1,0 +1,120 @@
+"""The options of :func:`diffopt.optimize` as one frozen, self-validating object.
+
+``optimize(pipe, **options)`` is shorthand for ``optimize(pipe, OptimizeConfig(**options))``; the config
+rejects a bad value before anything on the pipeline is touched.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, FrozenSet, Mapping, Optional, Union
+
+# "auto" and None both mean: leave the attention processors as they are.
+ATTENTION_CHOICES = ("sdpa", "default", "xformers", "auto", None)
+# None and "preserve" both mean: leave the memory format as it is.
+MEMORY_FORMAT_CHOICES = ("channels_last", "contiguous", "preserve", None)
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs", None)
+COMPILE_KEYS = ("mode", "fullgraph", "dynamic", "backend", "options")
+RESTORE_ATTENTION_CHOICES = ("default", "original")
+
+
+def _choices(values) -> str:
+    return ", ".join(repr(v) for v in values)
+
+
+def check_choice(name: str, value: Any, choices) -> None:
+    if not isinstance(value, (str, type(None))):
+        raise TypeError(f"{name} must be one of {_choices(choices)}, got {value!r} ({type(value).__name__})")
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {_choices(choices)}, got {value!r}")
+
+
+def check_bool(name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r} ({type(value).__name__})")
+
+
+@dataclass(frozen=True)
+class OptimizeConfig:
+    """What :func:`diffopt.optimize` applies. Each field is one option of ``optimize``.
+
+    Example::
+
+        config = OptimizeConfig(compile={"mode": "max-autotune"}, compile_vae=True)
+        diffopt.optimize(pipe, config)
+    """
+
+    #: Attention processors, mapped per attention kind: "sdpa", "default" (classic AttnProcessor /
+    #: AttnAddedKVProcessor), "xformers", or "auto"/None to leave them as they are.
+    attention: Optional[str] = "sdpa"
+    #: True, False, or a dict of torch.compile options (mode, fullgraph, dynamic, backend, options)
+    #: laid over diffopt's per-device defaults.
+    compile: Union[bool, Mapping[str, Any]] = True
+    #: "channels_last", "contiguous", or "preserve"/None, for the convolutional components.
+    memory_format: Optional[str] = "channels_last"
+    #: Also optimize the VAE decoder (attention, memory format, compile); off by default because it
+    #: adds compile time and runs once per image rather than once per step.
+    compile_vae: bool = False
+    #: The options the user named; a feature the installed versions lack is an error when named here
+    #: and a skip with a reason otherwise. Filled in by :meth:`from_options`.
+    explicit: FrozenSet[str] = field(default=frozenset(), repr=False, compare=False)
+
+    def __post_init__(self):
+        check_choice("attention", self.attention, ATTENTION_CHOICES)
+        check_choice("memory_format", self.memory_format, MEMORY_FORMAT_CHOICES)
+        check_bool("compile_vae", self.compile_vae)
+        if isinstance(self.compile, Mapping):
+            self._check_compile_options(dict(self.compile))
+        elif not isinstance(self.compile, bool):
+            raise TypeError(
+                f"compile must be True, False or a dict of torch.compile options, got {self.compile!r} "
+                f"({type(self.compile).__name__})"
+            )
+        unknown = set(self.explicit) - set(self.option_names())
+        if unknown:
+            raise ValueError(f"unknown explicit options {sorted(unknown)}; options are {list(self.option_names())}")
+
+    @staticmethod
+    def _check_compile_options(options: dict) -> None:
+        unknown = sorted(set(options) - set(COMPILE_KEYS))
+        if unknown:
+            raise ValueError(f"compile got unknown torch.compile option(s) {unknown}; valid keys are {list(COMPILE_KEYS)}")
+        if "mode" in options:
+            check_choice("compile['mode']", options["mode"], COMPILE_MODES)
+        for key in ("fullgraph",):
+            if key in options:
+                check_bool(f"compile[{key!r}]", options[key])
+        if "dynamic" in options and options["dynamic"] not in (True, False, None):
+            raise ValueError(f"compile['dynamic'] must be True, False or None, got {options['dynamic']!r}")
+        if "options" in options and not isinstance(options["options"], Mapping):
+            raise TypeError(f"compile['options'] must be a dict of inductor options, got {options['options']!r}")
+        if "mode" in options and options.get("mode") not in (None, "default") and "options" in options:
+            raise ValueError("compile: torch.compile takes either 'mode' or 'options', not both")
+
+    @classmethod
+    def option_names(cls):
+        return tuple(f.name for f in dataclasses.fields(cls) if f.name != "explicit")
+
+    @classmethod
+    def from_options(cls, config: "Optional[OptimizeConfig]" = None, **options) -> "OptimizeConfig":
+        """Merge a config and keyword options; options the user named count as explicit."""
+        unknown = sorted(set(options) - set(cls.option_names()))
+        if unknown:
+            raise TypeError(f"optimize() got unknown option(s) {unknown}; valid options are {list(cls.option_names())}")
+        if config is None:
+            base = cls()
+            named = set(options)
+        elif isinstance(config, cls):
+            base = config
+            # Fields a config sets away from their default are as good as named.
+            named = {n for n in cls.option_names() if getattr(config, n) != getattr(cls, n, None)} | set(config.explicit)
+            named |= set(options)
+        else:
+            raise TypeError(f"config must be a diffopt.OptimizeConfig or None, got {type(config).__name__}")
+        values = {n: getattr(base, n) for n in cls.option_names()}
+        values.update(options)
+        return cls(**values, explicit=frozenset(named))
+
+    def asks_for(self, name: str) -> bool:
+        """True when the user named this option, so a missing capability must be an error."""
+        return name in self.explicit

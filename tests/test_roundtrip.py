@@ -1,0 +1,167 @@
+"""optimize -> restore must give back the pipeline the user had: outputs, weights, processors, strides,
+module identity, and not one leftover attribute."""
+import pytest
+import torch
+from conftest import if_pipeline, rel_l2, run_pipeline, sd_pipeline, sdxl_pipeline, tiny_controlnet
+
+import diffopt
+
+
+def multi_controlnet_pipeline():
+    from diffusers import MultiControlNetModel
+
+    return sd_pipeline(controlnet=MultiControlNetModel([tiny_controlnet(), tiny_controlnet()]))
+
+
+PIPELINES = {
+    "sd": sd_pipeline,
+    "controlnet": lambda: sd_pipeline(controlnet=tiny_controlnet()),
+    "multi-controlnet": multi_controlnet_pipeline,
+    "if": if_pipeline,
+    "sdxl": sdxl_pipeline,
+}
+
+
+def modules_of(pipe):
+    return {name: getattr(pipe, name) for name in ("unet", "controlnet", "vae") if getattr(pipe, name, None) is not None}
+
+
+def snapshot(pipe):
+    """Everything restore promises to bring back, by value and by identity."""
+    snap = {"pipe_attrs": set(vars(pipe))}
+    for name, module in modules_of(pipe).items():
+        snap[name] = module
+        snap[f"{name}.state"] = {k: v.clone() for k, v in module.state_dict().items()}
+        snap[f"{name}.strides"] = {k: v.stride() for k, v in module.state_dict().items()}
+        snap[f"{name}.params"] = [id(p) for p in module.parameters()]
+        snap[f"{name}.attrs"] = {n: set(vars(m)) for n, m in module.named_modules()}
+        snap[f"{name}.processors"] = {
+            n: type(m.processor) for n, m in module.named_modules() if hasattr(m, "set_processor")
+        }
+    return snap
+
+
+def assert_same(before, after):
+    assert before["pipe_attrs"] == after["pipe_attrs"]
+    for key, value in before.items():
+        if key.endswith(".state"):
+            assert value.keys() == after[key].keys()
+            for k in value:
+                assert torch.equal(value[k], after[key][k]), k
+        elif isinstance(value, torch.nn.Module):
+            assert after[key] is value, f"{key} is not the original module object"
+        else:
+            assert after[key] == value, key
+
+
+@pytest.mark.parametrize("kind", PIPELINES)
+def test_restore_round_trip(kind):
+    pipe = PIPELINES[kind]()
+    for module in modules_of(pipe).values():
+        for net in getattr(module, "nets", [module]):
+            if hasattr(net, "set_default_attn_processor"):
+                net.set_default_attn_processor()
+    eager = run_pipeline(pipe)
+    before = snapshot(pipe)
+
+    report = diffopt.optimize(pipe, compile={"backend": "aot_eager"})
+    assert {s.transform for s in report.applied} == {"attention", "memory_format", "compile"}
+    assert "_diffopt_state" in vars(pipe)
+    optimized = run_pipeline(pipe)
+    assert rel_l2(optimized, eager) < 1e-4
+
+    diffopt.restore(pipe)
+    restored = run_pipeline(pipe)
+    assert_same(before, snapshot(pipe))
+    # Same as a never-optimized pipe on the classic processors, bit for bit, run after run.
+    assert torch.equal(restored, eager)
+    assert torch.equal(run_pipeline(pipe), restored)
+
+
+def test_restore_original_gives_back_the_exact_processor_objects():
+    pipe = sd_pipeline()
+    originals = {n: m.processor for n, m in pipe.unet.named_modules() if hasattr(m, "set_processor")}
+    pipe.unet.set_default_attn_processor()
+    classic = {n: m.processor for n, m in pipe.unet.named_modules() if hasattr(m, "set_processor")}
+    diffopt.optimize(pipe, compile=False)
+    assert all(type(p).__name__ == "AttnProcessor2_0" for p in pipe.unet.attn_processors.values())
+    diffopt.restore(pipe, attention="original")
+    after = {n: m.processor for n, m in pipe.unet.named_modules() if hasattr(m, "set_processor")}
+    assert all(after[n] is classic[n] for n in classic)
+    assert originals.keys() == after.keys()
+
+
+def test_restore_default_moves_sdpa_pipe_to_classic_processors():
+    pipe = sd_pipeline()  # diffusers' default today is AttnProcessor2_0
+    diffopt.optimize(pipe, compile=False)
+    diffopt.restore(pipe)
+    assert {type(p).__name__ for p in pipe.unet.attn_processors.values()} == {"AttnProcessor"}
+
+
+def test_restore_on_never_optimized_pipe_is_safe():
+    pipe = sd_pipeline()
+    pipe.unet.set_default_attn_processor()
+    eager = run_pipeline(pipe)
+    before = snapshot(pipe)
+    report = diffopt.restore(pipe)
+    assert not report.applied
+    assert_same(before, snapshot(pipe))
+    assert torch.equal(run_pipeline(pipe), eager)
+
+
+def test_bare_models_round_trip():
+    from conftest import sd3_inputs, sd3_transformer, tiny_unet, unet_inputs
+
+    for model, inputs in ((tiny_unet(), None), (sd3_transformer(), sd3_inputs())):
+        inputs = inputs or unet_inputs(model)
+        if hasattr(model, "set_default_attn_processor"):
+            try:
+                model.set_default_attn_processor()
+            except ValueError:  # SD3's joint processors have no classic form
+                pass
+        with torch.no_grad():
+            eager = model(**inputs).sample
+        attrs = {n: set(vars(m)) for n, m in model.named_modules()}
+        report = diffopt.optimize(model, compile={"backend": "aot_eager"})
+        assert any(s.transform == "compile" for s in report.applied)
+        with torch.no_grad():
+            assert (model(**inputs).sample - eager).abs().max() < 1e-4
+        diffopt.restore(model)
+        assert {n: set(vars(m)) for n, m in model.named_modules()} == attrs
+        with torch.no_grad():
+            assert torch.equal(model(**inputs).sample, eager)
+
+
+def test_transformer_skips_channels_last_with_a_reason():
+    from conftest import sd3_transformer
+
+    model = sd3_transformer()
+    report = diffopt.optimize(model, compile=False)
+    (skip,) = [s for s in report.skipped if s.transform == "memory_format"]
+    assert "conv" in skip.detail
+    diffopt.restore(model)
+
+
+def test_save_pretrained_after_compile_writes_clean_weights(tmp_path):
+    from safetensors.torch import load_file
+
+    pipe = sd_pipeline()
+    diffopt.optimize(pipe, compile={"backend": "aot_eager"})
+    run_pipeline(pipe)
+    pipe.save_pretrained(tmp_path)
+    weights = load_file(str(next((tmp_path / "unet").glob("*.safetensors"))))
+    assert weights and not any("_orig_mod" in k for k in weights)
+    assert weights.keys() == pipe.unet.state_dict().keys()
+    diffopt.restore(pipe)
+
+
+def test_export_after_restore():
+    from conftest import tiny_unet, unet_inputs
+
+    unet = tiny_unet()
+    diffopt.optimize(unet, compile={"backend": "aot_eager"})
+    diffopt.restore(unet)
+    inputs = unet_inputs(unet)
+    exported = torch.export.export(unet, (), inputs)
+    with torch.no_grad():
+        assert torch.allclose(exported.module()(**inputs)[0], unet(**inputs).sample, atol=1e-5)
