@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Callable, List, Optional, Tuple
 
 from . import capabilities
-from .components import DENOISER, Component, conv_share, find_components, module_device
+from .components import DENOISER, Component, check_target, conv_share, find_components, module_device
 from .config import RESTORE_ATTENTION_CHOICES, OptimizeConfig, check_choice
 from .report import APPLIED, SKIPPED, UNCHANGED, Report
 from .transforms import attention as attention_transform
@@ -188,6 +188,7 @@ def restore(target, attention: str = "default") -> Report:
         torch.export.export(pipe.unet, args, kwargs)   # works on the classic processors
     """
     check_choice("restore attention", attention, RESTORE_ATTENTION_CHOICES)
+    check_target(target)
     state = _state_of(target)
     components = find_components(target, include_vae=bool(state and state.config.compile_vae))
     report = Report("restore")

@@ -1,0 +1,175 @@
+"""Bad input is rejected before anything changes, with messages that name the value and the choices;
+version gates skip with a reason or raise when the user named the option."""
+import pytest
+import torch
+from conftest import run_pipeline, sd_pipeline, tiny_unet
+from packaging.version import Version
+from test_roundtrip import assert_same, snapshot
+
+import diffopt
+from diffopt import capabilities
+
+
+@pytest.fixture
+def pipe():
+    p = sd_pipeline()
+    p.unet.set_default_attn_processor()
+    return p
+
+
+@pytest.mark.parametrize(
+    "options, error, words",
+    [
+        (dict(attention="fast"), ValueError, ["'fast'", "'sdpa'", "'default'", "'xformers'"]),
+        (dict(attention=2), TypeError, ["2", "'sdpa'"]),
+        (dict(memory_format="nhwc"), ValueError, ["'nhwc'", "'channels_last'"]),
+        (dict(compile="yes"), TypeError, ["'yes'", "dict"]),
+        (dict(compile={"mode": "turbo"}), ValueError, ["'turbo'", "'reduce-overhead'"]),
+        (dict(compile={"fullgrph": True}), ValueError, ["fullgrph", "fullgraph"]),
+        (dict(compile_vae="no"), TypeError, ["'no'"]),
+        (dict(atention="sdpa"), TypeError, ["atention", "attention"]),
+    ],
+)
+def test_bad_options_raise_before_anything_changes(pipe, options, error, words):
+    before = snapshot(pipe)
+    with pytest.raises(error) as info:
+        diffopt.optimize(pipe, **options)
+    for word in words:
+        assert word in str(info.value)
+    assert_same(before, snapshot(pipe))
+
+
+@pytest.mark.parametrize("target", [object(), torch.nn.Linear(2, 2), "pipe", None])
+def test_non_pipeline_targets_are_type_errors(target):
+    with pytest.raises(TypeError, match="DiffusionPipeline"):
+        diffopt.optimize(target)
+    with pytest.raises(TypeError, match="DiffusionPipeline"):
+        diffopt.restore(target)
+
+
+def test_restore_rejects_unknown_attention_mode(pipe):
+    with pytest.raises(ValueError, match="'original'"):
+        diffopt.restore(pipe, attention="sdpa")
+
+
+def fake_versions(monkeypatch, **versions):
+    real = capabilities.installed_version
+    monkeypatch.setattr(
+        capabilities, "installed_version", lambda pkg: Version(versions[pkg]) if pkg in versions else real(pkg)
+    )
+
+
+@pytest.mark.parametrize(
+    "package, version, option, value",
+    [
+        ("torch", "1.13.1", "attention", "sdpa"),
+        ("diffusers", "0.13.0", "attention", "sdpa"),
+        ("torch", "1.13.1", "compile", True),
+        ("torch", "2.1.2", "compile", True),
+    ],
+)
+def test_gates_skip_defaults_and_raise_when_named(monkeypatch, pipe, package, version, option, value):
+    fake_versions(monkeypatch, **{package: version})
+    before = snapshot(pipe)
+    # Left at its default: skipped, with the versions in the reason.
+    report = diffopt.optimize(pipe, **({} if option == "attention" else {"attention": "auto"}))
+    (skip,) = [s for s in report.skipped if s.transform == option]
+    assert f"{package} {version}" in skip.detail and ">=" in skip.detail
+    diffopt.restore(pipe, attention="original")
+    assert_same(before, snapshot(pipe))
+    # Named explicitly: an error naming found and required versions, and nothing changed.
+    with pytest.raises(diffopt.UnsupportedFeatureError) as info:
+        diffopt.optimize(pipe, **{option: value})
+    assert f"{package} {version}" in str(info.value) and ">=" in str(info.value)
+    assert_same(before, snapshot(pipe))
+
+
+def test_xformers_missing_is_an_error(monkeypatch, pipe):
+    monkeypatch.setattr(capabilities.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(diffopt.UnsupportedFeatureError, match="xformers"):
+        diffopt.optimize(pipe, attention="xformers", compile=False)
+
+
+def test_failure_half_way_undoes_applied_steps(monkeypatch, pipe):
+    from diffopt import api
+
+    eager = run_pipeline(pipe)
+    before = snapshot(pipe)
+
+    def broken_compile(module, options):
+        raise RuntimeError("compile exploded")
+
+    monkeypatch.setattr(api, "apply_compile", broken_compile)
+    with pytest.raises(RuntimeError, match="compile exploded"):
+        diffopt.optimize(pipe)
+    assert_same(before, snapshot(pipe))
+    assert torch.equal(run_pipeline(pipe), eager)
+
+
+def test_failed_second_call_leaves_the_first_optimization(monkeypatch, pipe):
+    from diffopt import api
+
+    diffopt.optimize(pipe, compile=False)
+    optimized = snapshot(pipe)
+    monkeypatch.setattr(api, "apply_compile", lambda m, o: (_ for _ in ()).throw(RuntimeError("boom")))
+    with pytest.raises(RuntimeError, match="boom"):
+        diffopt.optimize(pipe, compile=True)
+    monkeypatch.undo()
+    after = snapshot(pipe)
+    assert after["unet.processors"] == optimized["unet.processors"]
+    assert after["unet.strides"] == optimized["unet.strides"]
+
+
+def test_second_call_reconciles_instead_of_stacking(pipe):
+    diffopt.optimize(pipe, compile={"backend": "aot_eager"})
+    first = pipe.unet._compiled_call_impl
+    report = diffopt.optimize(pipe, memory_format=None, compile={"backend": "eager"})
+    assert pipe.unet._compiled_call_impl is not first
+    # The compiled call wraps the module's own eager call, never the previous compiled one.
+    assert "eager" in str(report) and not any(s.transform == "memory_format" for s in report.steps)
+    assert pipe.unet.conv_in.weight.is_contiguous()
+    diffopt.restore(pipe)
+    assert "_compiled_call_impl" not in vars(pipe.unet)
+
+
+def test_user_compiled_module_is_left_alone():
+    unet = tiny_unet()
+    unet.compile(backend="eager")
+    user_compiled = unet._compiled_call_impl
+    report = diffopt.optimize(unet)
+    assert any(s.transform == "compile" and "already compiled" in s.detail for s in report.skipped)
+    diffopt.restore(unet)
+    assert unet._compiled_call_impl is user_compiled
+
+
+def test_config_object_and_explicit_options():
+    config = diffopt.OptimizeConfig(compile=False, attention="default")
+    assert diffopt.OptimizeConfig.from_options(config).explicit == {"compile", "attention"}
+    merged = diffopt.OptimizeConfig.from_options(config, memory_format=None)
+    assert merged.memory_format is None and merged.attention == "default"
+    with pytest.raises(TypeError, match="OptimizeConfig"):
+        diffopt.optimize(tiny_unet(), {"compile": False})
+
+
+def test_report_prints_a_table(pipe):
+    report = diffopt.optimize(pipe, compile=False)
+    text = str(report)
+    assert "component" in text and "unet" in text and "channels_last" in text
+    assert report.to_dict()["steps"][0]["component"] == "unet"
+
+
+def test_import_changes_nothing_global():
+    import subprocess
+    import sys
+
+    code = """
+import torch, torch._dynamo.config as d, torch._inductor.config as i
+before = (repr(i.get_config_copy()), repr(d.get_config_copy()), torch.backends.cudnn.benchmark,
+          torch.backends.cuda.matmul.allow_tf32, torch.get_float32_matmul_precision())
+import diffopt
+after = (repr(i.get_config_copy()), repr(d.get_config_copy()), torch.backends.cudnn.benchmark,
+         torch.backends.cuda.matmul.allow_tf32, torch.get_float32_matmul_precision())
+print("SAME" if before == after else "CHANGED")
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip().endswith("SAME"), out.stdout + out.stderr
