@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Callable, List, Optional, Tuple
 
 from . import capabilities
-from .components import DENOISER, Component, check_target, conv_share, find_components, module_device
+from .components import Component, check_target, conv_share, find_components, module_device
 from .config import RESTORE_ATTENTION_CHOICES, OptimizeConfig, check_choice
 from .report import APPLIED, SKIPPED, UNCHANGED, Report
 from .transforms import attention as attention_transform
@@ -82,14 +82,18 @@ def _plan_compile(component: Component, config: OptimizeConfig, report: Report) 
         return []
     options = default_options(module_device(component.module))
     if not isinstance(config.compile, bool):  # a dict of torch.compile options over the defaults
-        options.update(dict(config.compile))
+        user = dict(config.compile)
+        # torch.compile takes a mode or inductor options, never both, and modes mean nothing to other backends.
+        if "mode" not in user and ("options" in user or user.get("backend", "inductor") != "inductor"):
+            options.pop("mode", None)
+        options.update(user)
     return [_Step(component, "compile", lambda: apply_compile(component.module, options))]
 
 
 def _plan(target, config: OptimizeConfig, report: Report) -> List[_Step]:
     """Decide every step without touching anything; raises for bad input or explicit missing features."""
     components = find_components(target, include_vae=config.compile_vae)
-    if not any(c.role == DENOISER for c in components) and not any(c.role != DENOISER for c in components):
+    if not components:
         report.add(type(target).__name__, "-", SKIPPED, "no unet, transformer or controlnet found")
     steps: List[_Step] = []
     # Fixed order: processors first (compile must trace the final ones), memory format before compile
@@ -166,10 +170,13 @@ def optimize(target, config: Optional[OptimizeConfig] = None, **options) -> Repo
     try:
         _apply(steps, state)
     except Exception:
-        _undo_all(state)
-        if previous is not None:
-            # Leave the pipeline as the user had it: optimized with the previous options.
-            optimize(target, previous.config)
+        try:
+            _undo_all(state)
+            if previous is not None:
+                # Leave the pipeline as the user had it: optimized with the previous options.
+                optimize(target, previous.config)
+        except Exception:  # the error that started the rollback is the one the user must see
+            logger.exception("diffopt: rollback after a failed optimize did not complete")
         raise
     if state.undo:
         setattr(target, STATE_ATTR, state)

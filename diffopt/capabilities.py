@@ -60,12 +60,6 @@ def compile() -> Gate:  # noqa: A001 - mirrors the option name
     return _version_gate("torch.compile (in place, nn.Module.compile)", "torch", "2.2")
 
 
-def cuda_graphs(device) -> Gate:
-    """CUDA graphs ("reduce-overhead") only pay, and only work, for modules on a CUDA device."""
-    on_cuda = getattr(device, "type", str(device)) == "cuda"
-    return Gate("CUDA graphs (mode='reduce-overhead')", on_cuda, "a module on a CUDA device", str(device))
-
-
 class UnsupportedFeatureError(RuntimeError):
     """A feature the user asked for by name cannot run with the installed versions or hardware."""
 

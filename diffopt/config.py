@@ -88,7 +88,7 @@ class OptimizeConfig:
             raise ValueError(f"compile['dynamic'] must be True, False or None, got {options['dynamic']!r}")
         if "options" in options and not isinstance(options["options"], Mapping):
             raise TypeError(f"compile['options'] must be a dict of inductor options, got {options['options']!r}")
-        if "mode" in options and options.get("mode") not in (None, "default") and "options" in options:
+        if options.get("mode") is not None and "options" in options:
             raise ValueError("compile: torch.compile takes either 'mode' or 'options', not both")
 
     @classmethod

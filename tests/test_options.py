@@ -173,3 +173,17 @@ print("SAME" if before == after else "CHANGED")
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip().endswith("SAME"), out.stdout + out.stderr
+
+
+def test_cuda_default_mode_gives_way_to_options_and_other_backends(monkeypatch, pipe):
+    from diffopt import api
+
+    monkeypatch.setattr(api, "default_options", lambda device: {"mode": "reduce-overhead", "fullgraph": True})
+    report = diffopt.optimize(pipe, compile={"backend": "aot_eager"})
+    (step,) = [s for s in report.applied if s.transform == "compile"]
+    assert "mode" not in step.detail and "aot_eager" in step.detail
+    report = diffopt.optimize(pipe, compile={"backend": "aot_eager", "mode": "reduce-overhead"})
+    assert "reduce-overhead" in [s for s in report.applied if s.transform == "compile"][0].detail
+    diffopt.restore(pipe)
+    with pytest.raises(ValueError, match="mode.*options|options.*mode"):
+        diffopt.optimize(pipe, compile={"mode": "default", "options": {"freezing": True}})

@@ -60,8 +60,8 @@ def processor_kind(attn: torch.nn.Module) -> Optional[str]:
 
 def _convert(processor, kind: str, family: str):
     target = _processor_class(PROCESSORS[kind][family])
-    if type(processor) is target:
-        return processor
+    if target is None or type(processor) is target:
+        return processor  # already there, or this diffusers has no such twin: keep it
     if kind != "ip_adapter":
         return target()
     # IP-Adapter processors carry the adapter's image projections: build the sibling with the same
@@ -80,8 +80,10 @@ def _convert(processor, kind: str, family: str):
 
 
 def missing_classes(family: str) -> List[str]:
-    """Processor classes of ``family`` that the installed diffusers lacks."""
-    return [table[family] for table in PROCESSORS.values() if _processor_class(table[family]) is None]
+    """The plain processor class of ``family``, if the installed diffusers lacks it. Twins of rarer kinds
+    (added-KV, IP-Adapter) that are missing only keep those layers as they are."""
+    name = PROCESSORS["attention"][family]
+    return [name] if _processor_class(name) is None else []
 
 
 def apply_attention(model: torch.nn.Module, family: str) -> Optional[Change]:
