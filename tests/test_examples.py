@@ -1,0 +1,91 @@
+"""The examples are documentation that runs: examples/quickstart.py (the README's third command) and
+examples/quickstart.ipynb must keep working, and keep saying what the docs say they say."""
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+# Optimizations change float32 rounding, never the result: anything above this is a wrong output.
+MAX_REL_DIFF = 1e-4
+
+
+def run_quickstart(*flags, timeout=300):
+    done = subprocess.run(
+        [sys.executable, str(EXAMPLES / "quickstart.py"), *flags],
+        capture_output=True, text=True, timeout=timeout, cwd=EXAMPLES.parent,
+    )
+    assert done.returncode == 0, f"quickstart.py {' '.join(flags)} failed:\n{done.stdout}\n{done.stderr}"
+    return done.stdout
+
+
+def row(output, transform, status, detail=r".*"):
+    """True when a report in ``output`` has the row ``unet  <transform>  <status>  <detail>``."""
+    return re.search(rf"^unet\s+{transform}\s+{status}\s+{detail}$", output, re.MULTILINE) is not None
+
+
+def number(output, pattern):
+    found = re.search(pattern, output)
+    assert found, f"{pattern!r} not in the output:\n{output}"
+    return float(found.group(1))
+
+
+def check_common(out):
+    """What every quickstart run must print: speeds, a small difference, and a restore that matched."""
+    assert row(out, "memory_format", "applied", r"\d+ 4-D weights -> channels_last")
+    assert row(out, "memory_format", "applied", "undone"), "restore did not undo the memory format"
+    assert row(out, "attention", "applied", r"\d+x AttnProcessor2_0 -> AttnProcessor"), "restore left SDPA"
+    assert number(out, r"eager\s+:\s+([\d.]+) steps/s") > 0
+    assert number(out, r"optimized\s+:\s+([\d.]+) steps/s") > 0
+    assert 0 < number(out, r"relative L2 of latents vs eager = ([\d.e+-]+)") < MAX_REL_DIFF
+    assert re.search(r"^restore\s+: matches eager .*attention processors: AttnProcessor$", out, re.MULTILINE), out
+    assert number(out, r"restore\s+: matches eager \(relative L2 = ([\d.e+-]+)\)") < MAX_REL_DIFF
+
+
+def test_quickstart_without_compile():
+    out = run_quickstart("--no-compile", "--steps", "2")
+    check_common(out)
+    assert not row(out, "compile", r"\w+"), "--no-compile still compiled"
+    assert "(no compile)" in out
+
+
+@pytest.mark.compile
+def test_quickstart_with_inductor_compile():
+    # The default command, with fewer steps: inductor compiles the tiny UNet (tens of seconds on a CPU).
+    out = run_quickstart("--steps", "2", timeout=600)
+    check_common(out)
+    assert row(out, "compile", "applied", re.escape("torch.compile(fullgraph=True)"))
+    assert row(out, "compile", "applied", "undone"), "restore did not undo the compile"
+    # Compiling takes far longer than one eager generation; a fast first call means nothing was compiled.
+    assert number(out, r"first call\s+:\s+([\d.]+) s") > 1.0
+
+
+def test_notebook_is_committed_without_outputs():
+    import nbformat
+
+    nb = nbformat.read(EXAMPLES / "quickstart.ipynb", as_version=4)
+    nbformat.validate(nb)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert code and all(not c.outputs and c.execution_count is None for c in code), "clear the notebook's outputs"
+
+
+def test_notebook_runs():
+    import nbclient
+    import nbformat
+
+    nb = nbformat.read(EXAMPLES / "quickstart.ipynb", as_version=4)
+    client = nbclient.NotebookClient(
+        nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(EXAMPLES)}},
+    )
+    client.execute()  # raises CellExecutionError on the first failing cell
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
+    assert not [o for o in outputs if o.output_type == "error"]
+    text = "".join(o.get("text", "") for o in outputs if o.output_type == "stream" and o.name == "stdout")
+    assert "unet       compile        applied    torch.compile(fullgraph=True, backend='aot_eager')" in text
+    assert "graphs compiled by the second optimize: 0" in text
+    assert "same output as the first optimize: True" in text
+    assert "pipe.unet is unet: True" in text
+    assert "attention processors: ['AttnProcessor2_0']" in text.split("diffopt.restore:")[-1]
+    assert "restored matches eager exactly: True" in text
