@@ -1,0 +1,83 @@
+"""Issue 4 ablation: one lever at a time on SD1.5 (random weights, public architecture), measured the way
+benchmarks/anchors/bench_anchor.py measures (fp16, 512x512, DDIM 50 steps, output_type="latent",
+steps/s of the whole pipeline call, median of 3 after warm calls).
+
+    python benchmarks/levers.py VARIANT [BATCH] [STEPS]
+
+VARIANT joins tokens with '+': seed (SDPA + channels_last + compile reduce-overhead fullgraph),
+cudnn_bench (torch.backends.cudnn.benchmark during capture), cudnn_attn / flash_attn / efficient_attn
+(SDPA kernel forced while compiling and running), freezing (inductor freezing + CUDA graphs),
+diffopt (diffopt.optimize defaults). Prints one RESULT json line.
+"""
+import contextlib
+import json
+import sys
+import time
+
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+
+variant = sys.argv[1]
+batch = int(sys.argv[2]) if len(sys.argv) > 2 else 1
+steps = int(sys.argv[3]) if len(sys.argv) > 3 else 50
+tokens = set(variant.split("+"))
+dev, dt = "cuda", torch.float16
+torch.manual_seed(0)
+VAE = dict(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
+           block_out_channels=[128, 256, 512, 512], layers_per_block=2, latent_channels=4, norm_num_groups=32, sample_size=512)
+with torch.device(dev):
+    unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8).to(dt)
+    vae = AutoencoderKL(**VAE).to(dt)
+pipe = StableDiffusionPipeline(vae=vae, text_encoder=None, tokenizer=None, unet=unet, scheduler=DDIMScheduler(),
+                               safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+pipe.set_progress_bar_config(disable=True)
+g = torch.Generator(dev).manual_seed(0)
+pe = torch.randn(batch, 77, 768, device=dev, dtype=dt, generator=g)
+ne = torch.randn(batch, 77, 768, device=dev, dtype=dt, generator=g)
+
+
+def call():
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    with torch.inference_mode():
+        out = pipe(prompt_embeds=pe, negative_prompt_embeds=ne, num_inference_steps=steps, output_type="latent",
+                   generator=torch.Generator(dev).manual_seed(1)).images
+    torch.cuda.synchronize()
+    return time.perf_counter() - t, out.float().clone()
+
+
+_, reference = call()  # eager SDPA, the diffusers default
+
+from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
+
+kernel = {"cudnn_attn": SDPBackend.CUDNN_ATTENTION, "flash_attn": SDPBackend.FLASH_ATTENTION,
+          "efficient_attn": SDPBackend.EFFICIENT_ATTENTION}
+scope = contextlib.ExitStack()
+for tok, backend in kernel.items():
+    if tok in tokens:
+        scope.enter_context(sdpa_kernel([backend]))
+if "cudnn_bench" in tokens:
+    torch.backends.cudnn.benchmark = True
+if "diffopt" in tokens:
+    import diffopt
+    print(diffopt.optimize(pipe), flush=True)
+elif "seed" in tokens:
+    pipe.unet.to(memory_format=torch.channels_last)
+    if "freezing" in tokens:
+        pipe.unet = torch.compile(pipe.unet, fullgraph=True, options={"freezing": True, "triton.cudagraphs": True})
+    else:
+        pipe.unet = torch.compile(pipe.unet, mode="reduce-overhead", fullgraph=True)
+
+torch.cuda.reset_peak_memory_stats()
+with scope:
+    first, _ = call()
+    for _ in range(2):
+        call()
+    runs = [call() for _ in range(3)]
+times = sorted(t for t, _ in runs)
+out = runs[0][1]
+rel = ((out - reference).norm() / reference.norm()).item()
+res = dict(variant=variant, batch=batch, steps=steps, first_s=round(first, 2), steps_per_s=round(steps / times[1], 2),
+           peak_gb=round(torch.cuda.max_memory_allocated() / 2**30, 2), rel_l2_vs_eager_sdpa=rel,
+           gpu=torch.cuda.get_device_name(), torch=torch.__version__, diffusers=__import__("diffusers").__version__)
+print("RESULT", json.dumps(res), flush=True)
