@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Callable, List, Optional, Tuple
 
 from . import capabilities
-from .components import Component, check_target, conv_share, find_components, module_device
+from .components import CONTROLNET, Component, check_target, conv_share, find_components, module_device
 from .config import RESTORE_ATTENTION_CHOICES, OptimizeConfig, check_choice
 from .report import APPLIED, SKIPPED, UNCHANGED, Report
 from .transforms import attention as attention_transform
@@ -87,7 +87,17 @@ def _plan_compile(component: Component, config: OptimizeConfig, report: Report) 
         if "mode" not in user and ("options" in user or user.get("backend", "inductor") != "inductor"):
             options.pop("mode", None)
         options.update(user)
+    if component.role == CONTROLNET and options.get("mode") == "reduce-overhead" and not _names_mode(config):
+        # Measured on an H200 (benchmarks/controlnet_cudagraphs.py): a ControlNet compiled in place with CUDA
+        # graphs has its residuals overwritten by its next replay while the UNet's graph still reads them
+        # ("accessing tensor output of CUDAGraphs that has been overwritten"). Without graphs it is correct.
+        options.pop("mode")
+        report.add(component.name, "compile", SKIPPED, "CUDA graphs off: its outputs feed the UNet's CUDA graph")
     return [_Step(component, "compile", lambda: apply_compile(component.module, options))]
+
+
+def _names_mode(config: OptimizeConfig) -> bool:
+    return not isinstance(config.compile, bool) and "mode" in config.compile
 
 
 def _plan(target, config: OptimizeConfig, report: Report) -> List[_Step]:

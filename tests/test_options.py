@@ -187,3 +187,20 @@ def test_cuda_default_mode_gives_way_to_options_and_other_backends(monkeypatch, 
     diffopt.restore(pipe)
     with pytest.raises(ValueError, match="mode.*options|options.*mode"):
         diffopt.optimize(pipe, compile={"mode": "default", "options": {"freezing": True}})
+
+
+def test_controlnets_compile_without_cuda_graphs_unless_a_mode_is_named(monkeypatch):
+    from conftest import tiny_controlnet
+
+    from diffopt import api
+
+    pipe = sd_pipeline(controlnet=tiny_controlnet())
+    monkeypatch.setattr(api, "default_options", lambda device: {"mode": "reduce-overhead", "fullgraph": True, "backend": "aot_eager"})
+    report = diffopt.optimize(pipe)
+    details = {s.component: s.detail for s in report.applied if s.transform == "compile"}
+    assert "reduce-overhead" in details["unet"] and "reduce-overhead" not in details["controlnet"]
+    assert any(s.component == "controlnet" and "CUDA graphs off" in s.detail for s in report.skipped)
+    report = diffopt.optimize(pipe, compile={"mode": "reduce-overhead", "backend": "aot_eager"})
+    details = {s.component: s.detail for s in report.applied if s.transform == "compile"}
+    assert "reduce-overhead" in details["controlnet"]
+    diffopt.restore(pipe)
