@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# `diffopt bench` on the GPU host, split into invocations that each write their own results (so a timeout in
+# one keeps the others). Usage: bash benchmarks/gpu_bench.sh NAME:SECONDS:"bench args" ...
+set -u
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+  && export PYTHONPATH=/tmp/site:$PWD || exit 1
+export PYTHONUNBUFFERED=1
+out=${OUT:-bench-out}; mkdir -p "$out"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
+for spec in "$@"; do
+  name=${spec%%:*}; rest=${spec#*:}; secs=${rest%%:*}; args=${rest#*:}
+  start=$(date +%s)
+  # shellcheck disable=SC2086
+  timeout "$secs" python3 -m diffopt.bench $args --out "$out/$name" 2>&1 | grep -vE "━|torchvision" | tail -40
+  echo "# $name wall $(( $(date +%s) - start ))s"
+done

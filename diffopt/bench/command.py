@@ -1,0 +1,158 @@
+"""``diffopt bench``: command-line options, their validation, and the run that writes the results.
+
+Every list option is checked before anything is built, and a bad value is named with the choices::
+
+    $ diffopt bench --pipelines sd-txt2img,sd3
+    diffopt bench: error: argument --pipelines: unknown pipeline 'sd3'; choose from: sd-txt2img, ...
+"""
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Callable
+
+from diffopt.bench.pipelines import PIPELINES
+from diffopt.bench.recipes import resolve, split_specs
+from diffopt.bench.runner import DEFAULT_RECIPES, DTYPES, BenchSettings, load_run, merge_runs, run_benchmark
+
+DEFAULT_OUT = "bench-out"
+
+
+def _comma_list(convert: Callable[[str], object]) -> Callable[[str], list]:
+    def parse(text: str) -> list:
+        items = [item.strip() for item in text.split(",") if item.strip()]
+        if not items:
+            raise argparse.ArgumentTypeError("expected a comma-separated list, got an empty value")
+        return [convert(item) for item in items]
+
+    return parse
+
+
+def _pipeline(name: str) -> str:
+    if name not in PIPELINES:
+        raise argparse.ArgumentTypeError(f"unknown pipeline {name!r}; choose from: {', '.join(PIPELINES)}")
+    return name
+
+
+def _pipelines(text: str) -> list[str]:
+    return list(PIPELINES) if text.strip() == "all" else _comma_list(_pipeline)(text)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _recipes(text: str) -> list[str]:
+    specs = split_specs(text)
+    if not specs:
+        raise argparse.ArgumentTypeError("expected a comma-separated list of recipes, got an empty value")
+    for spec in specs:
+        try:
+            resolve(spec)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+    return specs
+
+
+def _device(text: str) -> str:
+    if text.split(":")[0] not in ("cuda", "cpu"):
+        raise argparse.ArgumentTypeError(f"device must be cuda, cuda:N or cpu, got {text!r}")
+    return text
+
+
+def _directory(text: str) -> str:
+    if not os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"weights directory {text!r} does not exist")
+    return text
+
+
+def _results(text: str) -> str:
+    path = os.path.join(text, "results.json") if os.path.isdir(text) else text
+    if not os.path.isfile(path):
+        raise argparse.ArgumentTypeError(f"no results.json at {text!r}")
+    return path
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:  # fmt: skip
+    parser.add_argument("--pipelines", type=_pipelines, default=list(PIPELINES),
+                        help=f"comma-separated, or 'all' (default): {','.join(PIPELINES)}")
+    parser.add_argument("--batch-sizes", type=_comma_list(_positive_int), default=None,
+                        help="comma-separated (default: 1,4 on CUDA, 1 on CPU)")
+    parser.add_argument("--recipes", type=_recipes, default=None,
+                        help="comma-separated recipe specs: classic, sdpa, seed, diffopt, diffopt:key=value,... "
+                             f"or a preset (default: {','.join(DEFAULT_RECIPES['cuda'])} on CUDA, "
+                             f"{','.join(DEFAULT_RECIPES['cpu'])} on CPU)")
+    parser.add_argument("--steps", type=_positive_int, default=None,
+                        help="denoising steps of every stage (default: SD 50, SDXL 30, IF 100/50/75; tiny: 3)")
+    parser.add_argument("--height", type=_positive_int, default=None, help="image height (IF: of stage I)")
+    parser.add_argument("--width", type=_positive_int, default=None, help="image width (default: --height)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: fp16 on CUDA, fp32 on CPU")
+    parser.add_argument("--device", type=_device, default=None, help="default: cuda if available, else cpu")
+    parser.add_argument("--size", choices=["full", "tiny"], default=None,
+                        help="model configs: public sizes, or tiny ones for CPU and CI (default: full on CUDA)")
+    parser.add_argument("--weights", type=_directory, default=None,
+                        help="load pipelines with from_pretrained from DIR (or DIR/<pipeline>/) instead of "
+                             "building random weights")
+    parser.add_argument("--warmup", type=_positive_int, default=None,
+                        help="warm calls per stage, the first of which is reported as 'first call' "
+                             "(default: 3 on CUDA)")
+    parser.add_argument("--repeats", type=_positive_int, default=None,
+                        help="timed calls per stage; steps/s uses their median (default: 3 on CUDA)")
+    parser.add_argument("--out", default=DEFAULT_OUT, help=f"output directory (default: {DEFAULT_OUT})")
+    parser.add_argument("--merge", nargs="+", type=_results, metavar="DIR",
+                        help="run nothing: merge the results.json of earlier runs (DIR or file) into --out")
+
+
+def settings_from(args: argparse.Namespace) -> BenchSettings:
+    return BenchSettings(
+        pipelines=args.pipelines,
+        batch_sizes=args.batch_sizes,
+        recipes=args.recipes,
+        device=args.device,
+        size=args.size,
+        dtype=args.dtype,
+        steps=args.steps,
+        height=args.height,
+        width=args.width,
+        weights=args.weights,
+        warmup=args.warmup,
+        repeats=args.repeats,
+    )
+
+
+def run(args: argparse.Namespace, argv: list[str]) -> int:
+    """Run the benchmark, print the tables, write the files. Exit status 1 only if no cell succeeded."""
+    import torch
+
+    from diffopt.bench.output import RichProgress, write_json
+
+    if args.merge:
+        result = merge_runs([load_run(path) for path in args.merge])
+        return _report(result, args.out)
+    settings = settings_from(args)
+    if settings.device and settings.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit("diffopt bench: error: --device cuda, but torch.cuda.is_available() is False")
+    progress = RichProgress()
+    try:
+        # results.json after every cell: a run cut by a time limit keeps what it measured (see --merge).
+        save = lambda partial: write_json(partial, args.out)  # noqa: E731
+        result = run_benchmark(settings, progress=progress, argv=argv, checkpoint=save)
+    finally:
+        progress.stop()
+    return _report(result, args.out)
+
+
+def _report(result, out_dir: str) -> int:
+    from diffopt.bench.output import print_tables, write_outputs
+
+    print_tables(result)
+    for kind, path in write_outputs(result, out_dir).items():
+        if path:
+            print(f"{kind}: {path}")
+    return 0 if any(cell.ok for cell in result.cells) else 1

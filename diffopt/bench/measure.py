@@ -1,0 +1,292 @@
+"""Timing of one benchmark cell (pipeline x batch size x recipe), and the eager reference it is compared with.
+
+Method, the same as /work/shared/anchors/bench_anchor.py so that numbers compare:
+
+* a fresh pipeline per cell, the previous one freed (gc, ``torch.cuda.empty_cache``, ``torch.compiler.reset``);
+* ``warmup`` calls (the first one timed on its own: it includes compilation), then ``repeats`` timed calls;
+  each call is the whole pipeline ``__call__`` with ``output_type="latent"`` (``"pt"`` for IF I/II, which have
+  no VAE), under ``torch.inference_mode``, between two ``torch.cuda.synchronize``;
+* steps/s = denoising steps / median seconds of those calls; end-to-end seconds = one more call that also
+  decodes to PIL images.
+
+The reference (:func:`probe`) is an eager pipeline with diffusers' defaults, run once per pipeline x batch size:
+it counts the steps the pipeline really runs (img2img runs ``strength`` x steps), counts the FLOPs of one step
+of the denoisers with ``torch.utils.flop_counter`` and keeps the output every recipe's output is compared with.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+
+from diffopt.bench.env import OutOfMemoryError, free_memory, peak_memory_bytes, reset_peak_memory, sync
+from diffopt.bench.pipelines import BenchCase, Stage, build_case
+from diffopt.bench.recipes import Recipe
+
+
+@dataclass
+class StageReference:
+    label: str
+    steps: int
+    flops_per_step: Optional[float]
+    output: Any = field(default=None, repr=False)  # CPU float32 tensor; not written to results.json
+
+
+@dataclass
+class Reference:
+    pipeline: str
+    batch_size: int
+    stages: list[StageReference] = field(default_factory=list)
+    error: Optional[str] = None
+
+
+@dataclass
+class StageResult:
+    label: str  # "" for one-stage pipelines, "I" / "II" / "III" for IF
+    batch_size: int
+    steps: int
+    first_call_s: float
+    times_s: list[float]
+    median_s: float
+    steps_per_s: float
+    end_to_end_s: Optional[float] = None
+    flops_per_step: Optional[float] = None
+    mfu: Optional[float] = None
+    relative_l2: Optional[float] = None
+
+
+@dataclass
+class CellResult:
+    pipeline: str
+    batch_size: int
+    recipe: str
+    status: str = "ok"  # "ok" | "oom" | "error"
+    error: Optional[str] = None
+    traceback: Optional[str] = None
+    build_s: Optional[float] = None
+    peak_memory_bytes: Optional[int] = None
+    notes: list[str] = field(default_factory=list)
+    stages: list[StageResult] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+
+@dataclass
+class CellSettings:
+    size: str
+    device: torch.device
+    dtype: torch.dtype
+    steps: Optional[int] = None
+    height: Optional[int] = None
+    width: Optional[int] = None
+    weights: Optional[str] = None
+    warmup: int = 3
+    repeats: int = 3
+
+    def build(self, pipeline: str) -> BenchCase:
+        return build_case(
+            pipeline,
+            size=self.size,
+            device=self.device,
+            dtype=self.dtype,
+            steps=self.steps,
+            height=self.height,
+            width=self.width,
+            weights=self.weights,
+        )
+
+
+def _batch(stage: Stage, batch_size: int) -> int:
+    return 1 if stage.single_batch else batch_size
+
+
+def _timed(stage: Stage, batch_size: int, output_type: str, device: torch.device):
+    sync(device)
+    start = time.perf_counter()
+    with torch.inference_mode():
+        output = stage.call(batch_size, output_type)
+    sync(device)
+    return time.perf_counter() - start, output
+
+
+def _to_cpu(output) -> Optional[torch.Tensor]:
+    return output.detach().float().cpu() if isinstance(output, torch.Tensor) else None
+
+
+def relative_l2(output: Optional[torch.Tensor], reference: Optional[torch.Tensor]) -> Optional[float]:
+    """||output - reference|| / ||reference||, or None when either is missing or the shapes differ."""
+    if output is None or reference is None or output.shape != reference.shape:
+        return None
+    norm = reference.norm().item()
+    difference = (output - reference).norm().item()
+    return difference / norm if norm > 0 else difference
+
+
+def _count_flops(module: torch.nn.Module, args, kwargs) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+        module(*args, **kwargs)
+    return float(counter.get_total_flops())
+
+
+def _probe_stage(stage: Stage, batch_size: int, device: torch.device) -> StageReference:
+    calls: dict[str, int] = {}
+    first_inputs: dict[str, tuple] = {}
+    denoisers = stage.denoisers()
+
+    def recorder(name):
+        def hook(module, args, kwargs):
+            calls[name] = calls.get(name, 0) + 1
+            first_inputs.setdefault(name, (args, kwargs))
+
+        return hook
+
+    handles = [
+        module.register_forward_pre_hook(recorder(name), with_kwargs=True)
+        for name, module in denoisers.items()
+    ]
+    try:
+        _, output = _timed(stage, _batch(stage, batch_size), stage.timed_output, device)
+    finally:
+        for handle in handles:
+            handle.remove()
+    # Classifier-free guidance runs the UNet once per step on the doubled batch, so UNet calls = steps.
+    steps = calls.get("unet", stage.steps)
+    flops = sum(
+        _count_flops(module, *first_inputs[name]) for name, module in denoisers.items() if name in first_inputs
+    )
+    return StageReference(stage.label, steps, flops or None, _to_cpu(output))
+
+
+def probe(pipeline: str, batch_sizes: list[int], settings: CellSettings) -> list[Reference]:
+    """The eager reference of ``pipeline`` for each batch size; errors are recorded, never raised."""
+    free_memory(settings.device)
+    references = [Reference(pipeline, batch_size) for batch_size in batch_sizes]
+    case = None
+    try:
+        case = settings.build(pipeline)
+        for reference in references:
+            try:
+                for stage in case.stages:
+                    reference.stages.append(_probe_stage(stage, reference.batch_size, settings.device))
+            except Exception as error:  # noqa: BLE001 - an OOM at batch 16 must not lose batch 1
+                reference.error = _describe(error, "reference call")
+                free_memory(settings.device)
+    except Exception as error:  # noqa: BLE001
+        for reference in references:
+            reference.error = reference.error or _describe(error, "reference build")
+    finally:
+        del case
+        free_memory(settings.device)
+    return references
+
+
+class _Phase:
+    """Where a cell is, so that an error says in which call it happened (``"timed calls (stage II)"``)."""
+
+    def __init__(self, name: str = "build"):
+        self.name = name
+
+
+def measure_cell(
+    pipeline: str, batch_size: int, recipe: Recipe, settings: CellSettings, reference: Optional[Reference] = None
+) -> CellResult:
+    """Build ``pipeline``, apply ``recipe`` and time it; any exception (OOM included) is recorded in the cell.
+
+    Example:
+        >>> from diffopt.bench.recipes import resolve
+        >>> settings = CellSettings(size="tiny", device=torch.device("cpu"), dtype=torch.float32, steps=1)
+        >>> cell = measure_cell("sd-txt2img", 1, resolve("sdpa"), settings)
+        >>> cell.status, cell.stages[0].steps
+        ('ok', 1)
+    """
+    device = settings.device
+    cell = CellResult(pipeline, batch_size, recipe.name)
+    free_memory(device)
+    case, phase = None, _Phase("build")
+    try:
+        start = time.perf_counter()
+        case = settings.build(pipeline)
+        cell.build_s = time.perf_counter() - start
+        phase.name = "recipe"
+        for stage in case.stages:
+            note = recipe.apply(stage.pipe)
+            if note:
+                cell.notes.append(f"{stage.label}: {note}" if stage.label else str(note))
+        reset_peak_memory(device)
+        references = reference.stages if reference is not None and not reference.error else []
+        for index, stage in enumerate(case.stages):
+            stage_reference = references[index] if index < len(references) else None
+            cell.stages.append(_measure_stage(stage, batch_size, settings, stage_reference, phase))
+        cell.peak_memory_bytes = peak_memory_bytes(device)
+    except Exception as error:  # noqa: BLE001 - one failing cell (OOM included) must not end a 40-minute run
+        cell.status = "oom" if isinstance(error, OutOfMemoryError) else "error"
+        cell.error = _describe(error, phase.name)
+        cell.traceback = traceback.format_exc()
+        cell.peak_memory_bytes = peak_memory_bytes(device)
+    finally:
+        del case
+        free_memory(device)
+    return cell
+
+
+def _measure_stage(stage, batch_size, settings: CellSettings, reference: Optional[StageReference], phase: _Phase):
+    device, batch = settings.device, _batch(stage, batch_size)
+    suffix = f" (stage {stage.label})" if stage.label else ""
+    phase.name = "first call" + suffix
+    first_s, _ = _timed(stage, batch, stage.timed_output, device)
+    phase.name = "warmup" + suffix
+    for _ in range(max(settings.warmup - 1, 0)):
+        _timed(stage, batch, stage.timed_output, device)
+    phase.name = "timed calls" + suffix
+    times, output = [], None
+    for _ in range(max(settings.repeats, 1)):
+        seconds, output = _timed(stage, batch, stage.timed_output, device)
+        times.append(seconds)
+    phase.name = "decode call" + suffix
+    end_to_end_s, _ = _timed(stage, batch, "pil", device)
+    median = statistics.median(times)
+    steps = reference.steps if reference else stage.steps
+    return StageResult(
+        label=stage.label,
+        batch_size=batch,
+        steps=steps,
+        first_call_s=first_s,
+        times_s=times,
+        median_s=median,
+        steps_per_s=steps / median,
+        end_to_end_s=end_to_end_s,
+        flops_per_step=reference.flops_per_step if reference else None,
+        relative_l2=relative_l2(_to_cpu(output), reference.output if reference else None),
+    )
+
+
+def _oom_phase(phase: str) -> str:
+    # The seed page's words: "OOM after warmup" is an OOM in the timed calls.
+    if phase.startswith("timed calls"):
+        return "after warmup" + phase[len("timed calls") :]
+    return f"in {phase}"
+
+
+def _describe(error: BaseException, phase: str) -> str:
+    if isinstance(error, OutOfMemoryError):
+        return "OOM " + _oom_phase(phase)
+    first_line = (str(error).strip().splitlines() or [""])[0]
+    return f"{type(error).__name__} in {phase}: {first_line[:300]}"
+
+
+def add_mfu(cell: CellResult, peak_flops: Optional[float]) -> None:
+    """MFU = denoiser FLOPs per step x steps/s / the measured matmul peak (a lower bound: the whole pipeline
+    call is timed, scheduler and Python overhead included)."""
+    if not peak_flops:
+        return
+    for stage in cell.stages:
+        if stage.flops_per_step:
+            stage.mfu = stage.flops_per_step * stage.steps_per_s / peak_flops

@@ -1,0 +1,253 @@
+"""What a benchmark run writes: console tables, results.md, results.json, speedup.png, and the progress bar.
+
+The tables look like the seed page's: one per batch size, a row per pipeline, a column per recipe, steps/s
+in the cells ("I / II / III" for IF's three stages) or what went wrong ("OOM after warmup"). rich and
+matplotlib are optional (``pip install diffopt[bench]``): without rich the tables print as markdown, without
+matplotlib the chart is skipped with a message.
+
+Example:
+    >>> from diffopt.bench.output import write_outputs
+    >>> paths = write_outputs(run, "bench-out")   # doctest: +SKIP
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Optional
+
+from diffopt.bench.measure import CellResult
+from diffopt.bench.pipelines import LABELS
+from diffopt.bench.recipes import REFERENCE
+from diffopt.bench.runner import BenchRun
+
+
+def format_cell(cell: Optional[CellResult]) -> str:
+    """steps/s of each stage ("I / II / III" for IF), or the failure as the seed page wrote it."""
+    if cell is None:
+        return "-"
+    measured = " / ".join(f"{stage.steps_per_s:.2f}" for stage in cell.stages)
+    if cell.ok:
+        return measured
+    reason = cell.error or cell.status
+    # An IF cell can fail in stage III after stages I and II were measured: keep those numbers.
+    return f"{measured} / {reason}" if measured else reason
+
+
+def _denoise_seconds(cell: Optional[CellResult]) -> Optional[float]:
+    if cell is None or not cell.ok or not cell.stages:
+        return None
+    return sum(stage.median_s for stage in cell.stages)
+
+
+def speedups(run: BenchRun) -> dict[tuple[str, int], dict[str, float]]:
+    """Speed-up of each recipe over ``sdpa`` per (pipeline, batch size): ratio of the summed median seconds of
+    the stages' timed calls (for one-stage pipelines, the ratio of steps/s)."""
+    result: dict[tuple[str, int], dict[str, float]] = {}
+    for (pipeline, batch_size), cells in _grid(run).items():
+        reference = _denoise_seconds(cells.get(REFERENCE))
+        if reference is None:
+            continue
+        result[(pipeline, batch_size)] = {
+            recipe: reference / seconds for recipe, cell in cells.items() if (seconds := _denoise_seconds(cell))
+        }
+    return result
+
+
+def _grid(run: BenchRun) -> dict[tuple[str, int], dict[str, CellResult]]:
+    grid: dict[tuple[str, int], dict[str, CellResult]] = {}
+    for cell in run.cells:
+        grid.setdefault((cell.pipeline, cell.batch_size), {})[cell.recipe] = cell
+    return grid
+
+
+def _recipes(run: BenchRun) -> list[str]:
+    return list(dict.fromkeys(cell.recipe for cell in run.cells))
+
+
+def _title(run: BenchRun, batch_size: int) -> str:
+    where = run.environment.get("gpu") or run.environment.get("device", "?")
+    return f"{where} (batch size: {batch_size}), steps/s"
+
+
+def table_rows(run: BenchRun, batch_size: int) -> list[list[str]]:
+    grid, recipes = _grid(run), _recipes(run)
+    rows = []
+    for pipeline in run.settings.pipelines:
+        cells = grid.get((pipeline, batch_size), {})
+        rows.append([LABELS.get(pipeline, pipeline)] + [format_cell(cells.get(recipe)) for recipe in recipes])
+    return rows
+
+
+def to_markdown(run: BenchRun) -> str:
+    """results.md: the speed tables, then every number of every cell, then the environment."""
+    recipes = _recipes(run)
+    lines = ["# diffopt bench results", ""]
+    for batch_size in run.settings.batch_sizes:
+        lines += [f"## {_title(run, batch_size)}", ""]
+        lines += [_md_row(["Pipeline"] + recipes), _md_row([":-:"] * (1 + len(recipes)))]
+        lines += [_md_row(row) for row in table_rows(run, batch_size)] + [""]
+    lines += ["## Details", "", _md_row(_DETAIL_HEADER), _md_row(["---"] * len(_DETAIL_HEADER))]
+    lines += [_md_row(row) for row in _detail_rows(run)]
+    lines += ["", "## Environment", ""]
+    lines += [f"- {key}: {value}" for key, value in sorted(run.environment.items()) if key != "argv"]
+    lines += [
+        f"- command: `{' '.join(run.environment.get('argv', []))}`",
+        f"- matmul peak: {_tflops(run.matmul_peak_flops)} TFLOP/s",
+        f"- wall time: {run.wall_s:.0f} s",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+_DETAIL_HEADER = [
+    "pipeline", "batch", "recipe", "stage", "steps", "steps/s", "first call s", "end-to-end s",
+    "peak GiB", "GFLOP/step", "MFU", "rel. L2 vs sdpa", "status",
+]  # fmt: skip
+
+
+def _detail_rows(run: BenchRun) -> list[list[str]]:
+    rows = []
+    for cell in run.cells:
+        status = cell.error or cell.status
+        peak = f"{cell.peak_memory_bytes / 2**30:.2f}" if cell.peak_memory_bytes else "-"
+        if not cell.stages:
+            rows.append([cell.pipeline, str(cell.batch_size), cell.recipe] + ["-"] * 7 + ["-", "-", status])
+        for stage in cell.stages:
+            rows.append([
+                cell.pipeline, str(stage.batch_size), cell.recipe, stage.label or "-", str(stage.steps),
+                f"{stage.steps_per_s:.2f}", f"{stage.first_call_s:.2f}", _number(stage.end_to_end_s, "{:.3f}"),
+                peak, _number(stage.flops_per_step and stage.flops_per_step / 1e9, "{:,.1f}"),
+                _number(stage.mfu, "{:.1%}"),
+                _number(stage.relative_l2, "{:.2e}"), status,
+            ])  # fmt: skip
+    return rows
+
+
+def _number(value, pattern: str) -> str:
+    return "-" if value is None else pattern.format(value)
+
+
+def _tflops(flops, pattern: str = "{:.0f}") -> str:
+    return "-" if not flops else pattern.format(flops / 1e12)
+
+
+def _md_row(cells: list[str]) -> str:
+    return "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"
+
+
+def print_tables(run: BenchRun, console=None) -> None:
+    """The speed tables on the console: rich tables when rich is installed, markdown otherwise."""
+    try:
+        from rich.console import Console
+        from rich.table import Table
+    except ImportError:
+        print(to_markdown(run).split("## Details")[0], file=console or sys.stdout)
+        return
+    if console is None:
+        console = Console()
+        if not console.is_terminal:  # a log file: rich would wrap the cells at 80 columns
+            console = Console(width=200)
+    for batch_size in run.settings.batch_sizes:
+        table = Table(title=_title(run, batch_size))
+        table.add_column("Pipeline")
+        for recipe in _recipes(run):
+            table.add_column(recipe, justify="center")
+        for row in table_rows(run, batch_size):
+            table.add_row(*row)
+        console.print(table)
+
+
+def write_json(run: BenchRun, out_dir: str) -> str:
+    """results.json, written to a temporary name first so that a killed run never leaves half a file."""
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, "results.json")
+    with open(path + ".tmp", "w") as handle:
+        json.dump(run.to_json(), handle, indent=2, default=str)
+    os.replace(path + ".tmp", path)
+    return path
+
+
+def write_outputs(run: BenchRun, out_dir: str) -> dict[str, Optional[str]]:
+    """Write results.json, results.md and speedup.png into ``out_dir``; returns the paths (None if skipped)."""
+    paths: dict[str, Optional[str]] = {"json": write_json(run, out_dir)}
+    paths["markdown"] = os.path.join(out_dir, "results.md")
+    with open(paths["markdown"], "w") as handle:
+        handle.write(to_markdown(run))
+    paths["chart"] = plot_speedups(run, os.path.join(out_dir, "speedup.png"))
+    return paths
+
+
+def plot_speedups(run: BenchRun, path: str) -> Optional[str]:
+    """Bar chart of the speed-up over eager ``sdpa`` per pipeline, one panel per batch size, like the seed
+    page's figures. Returns None, with a message on stderr, when matplotlib or the sdpa column is missing."""
+    data = speedups(run)
+    if not data:
+        print(f"speedup.png skipped: no successful {REFERENCE!r} cell to compare with", file=sys.stderr)
+        return None
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")  # no display on a GPU host; select before pyplot is imported
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("speedup.png skipped: matplotlib is not installed (pip install diffopt[bench])", file=sys.stderr)
+        return None
+    recipes, batch_sizes = _recipes(run), run.settings.batch_sizes
+    figure, axes = plt.subplots(1, len(batch_sizes), figsize=(6 * len(batch_sizes), 4.5), squeeze=False)
+    width = 0.8 / max(len(recipes), 1)
+    for axis, batch_size in zip(axes[0], batch_sizes):
+        pipelines = run.settings.pipelines
+        for index, recipe in enumerate(recipes):
+            values = [data.get((pipeline, batch_size), {}).get(recipe, 0.0) for pipeline in pipelines]
+            positions = [p + (index - (len(recipes) - 1) / 2) * width for p in range(len(pipelines))]
+            axis.bar(positions, values, width, label=recipe)
+        axis.axhline(1.0, color="grey", linewidth=0.8)
+        axis.set_xticks(range(len(pipelines)))
+        axis.set_xticklabels([LABELS.get(p, p) for p in pipelines], rotation=30, ha="right")
+        axis.set_title(f"batch size {batch_size}")
+        axis.set_ylabel(f"speed-up over eager {REFERENCE}")
+    axes[0][0].legend()
+    figure.suptitle(run.environment.get("gpu") or run.environment.get("device", ""))
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path
+
+
+class RichProgress:
+    """A rich progress bar over the cells; prints one line per cell when rich is missing."""
+
+    def __init__(self):
+        self._bar = None
+        self._task = None
+        self._done = 0
+        self._total = 0
+
+    def start(self, total: int) -> None:
+        self._total = total
+        try:
+            from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+        except ImportError:
+            return
+        columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"))
+        self._bar = Progress(*columns, TimeElapsedColumn())
+        self._bar.start()
+        self._task = self._bar.add_task("diffopt bench", total=total)
+
+    def begin(self, description: str) -> None:
+        if self._bar is not None:
+            self._bar.update(self._task, description=description)
+        else:
+            print(f"[{self._done + 1}/{self._total}] {description}", file=sys.stderr, flush=True)
+
+    def end(self) -> None:
+        self._done += 1
+        if self._bar is not None:
+            self._bar.advance(self._task)
+            if self._done >= self._total:
+                self._bar.stop()
+
+    def stop(self) -> None:
+        if self._bar is not None:
+            self._bar.stop()

@@ -1,0 +1,178 @@
+"""Recipes: what the benchmark does to a freshly built pipeline before timing it.
+
+A recipe is a function ``recipe(pipe, **options) -> str | None`` that changes ``pipe`` in place and may return
+a note for the results (``diffopt`` returns its report). A recipe spec on the command line is a name with
+optional options, ``name:key=value,key=value``; values are read as Python literals when they parse as one
+(``compile=False``, ``mode='max-autotune'``) and kept as strings otherwise (``attention=sdpa``).
+
+=====================  ==========================================================================================
+``classic``            eager, the pre-PyTorch-2 attention processors (``set_default_attn_processor``)
+``sdpa``               eager, diffusers' default (scaled_dot_product_attention): the reference of every comparison
+``seed``               the seed page's recipe: channels_last + ``torch.compile(mode="reduce-overhead",
+                       fullgraph=True)`` on the UNet and the ControlNet (default mode off CUDA: no CUDA graphs)
+``diffopt``            ``diffopt.optimize(pipe, **options)``
+=====================  ==========================================================================================
+
+``PRESETS`` names a spec, so that a configuration worth tracking gets a short column title; add to it freely.
+
+Example:
+    >>> from diffopt.bench.recipes import resolve
+    >>> recipe = resolve("diffopt:compile=False")
+    >>> recipe.name, recipe.options
+    ('diffopt:compile=False', {'compile': False})
+"""
+from __future__ import annotations
+
+import ast
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import torch
+
+# Modules that run once per denoising step; everything else (VAE, schedulers) runs once per image.
+DENOISERS = ("unet", "controlnet")
+
+
+def _denoisers(pipe):
+    return [getattr(pipe, name) for name in DENOISERS if isinstance(getattr(pipe, name, None), torch.nn.Module)]
+
+
+def classic(pipe) -> None:
+    """Eager with the attention processors diffusers used before SDPA (AttnProcessor, AttnAddedKVProcessor)."""
+    for module in _denoisers(pipe):
+        module.set_default_attn_processor()
+
+
+def sdpa(pipe) -> None:
+    """Eager, as diffusers builds it: SDPA attention processors. Changes nothing."""
+
+
+def seed(pipe) -> None:
+    """The seed page's recipe: SDPA (default) + channels_last + torch.compile(fullgraph=True) per denoiser."""
+    # CUDA graphs ("reduce-overhead") exist only on CUDA; elsewhere the seed recipe falls back to the default mode.
+    mode = "reduce-overhead" if pipe.device.type == "cuda" else "default"
+    for name in DENOISERS:
+        module = getattr(pipe, name, None)
+        if isinstance(module, torch.nn.Module):
+            module.to(memory_format=torch.channels_last)
+            setattr(pipe, name, torch.compile(module, mode=mode, fullgraph=True))
+
+
+def diffopt(pipe, **options) -> Optional[str]:
+    """``diffopt.optimize(pipe, **options)``; the report's text becomes the cell's note."""
+    # Imported here: the benchmark must run, and record the failure in this cell, even without diffopt's core.
+    import diffopt as library
+
+    return str(library.optimize(pipe, **options))
+
+
+RECIPES: dict[str, Callable[..., Optional[str]]] = {
+    "classic": classic,
+    "sdpa": sdpa,
+    "seed": seed,
+    "diffopt": diffopt,
+}
+
+# Short names for specs; e.g. PRESETS["diffopt-max-autotune"] = "diffopt:mode='max-autotune'".
+PRESETS: dict[str, str] = {
+    "diffopt-nocompile": "diffopt:compile=False",
+}
+
+REFERENCE = "sdpa"  # eager diffusers default: speed-ups and output differences are measured against it
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A resolved recipe spec: its column name, the function and the options it is called with."""
+
+    name: str
+    function: Callable[..., Optional[str]] = field(compare=False)
+    options: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    @property
+    def compiles(self) -> bool:
+        """Whether the recipe calls torch.compile (the first call then includes compilation)."""
+        if self.function is seed:
+            return True
+        return self.function is diffopt and self.options.get("compile", True) is not False
+
+    def apply(self, pipe) -> Optional[str]:
+        return self.function(pipe, **self.options)
+
+
+def choices() -> list[str]:
+    return sorted(RECIPES) + sorted(PRESETS)
+
+
+def resolve(spec: str) -> Recipe:
+    """Turn a spec such as ``"seed"``, ``"diffopt-nocompile"`` or ``"diffopt:compile=False"`` into a Recipe.
+
+    Raises ``ValueError`` naming the bad value and the choices.
+    """
+    name = spec.strip()
+    expanded = PRESETS.get(name, name)
+    base, _, option_text = expanded.partition(":")
+    if base not in RECIPES:
+        raise ValueError(f"unknown recipe {base!r}; choose from: {', '.join(choices())}")
+    options = parse_options(option_text)
+    if options and base != "diffopt":
+        raise ValueError(f"recipe {base!r} takes no options, got {option_text!r}")
+    return Recipe(name, RECIPES[base], options)
+
+
+def parse_options(text: str) -> dict[str, Any]:
+    """``"compile=False,mode=max-autotune"`` -> ``{"compile": False, "mode": "max-autotune"}``."""
+    options: dict[str, Any] = {}
+    for item in split_top_level(text):
+        key, equals, value = item.partition("=")
+        if not equals or not key.strip():
+            raise ValueError(f"recipe option must look like key=value, got {item!r}")
+        options[key.strip()] = _literal(value.strip())
+    return options
+
+
+def _literal(text: str) -> Any:
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def split_top_level(text: str) -> list[str]:
+    """Split on the commas outside brackets and quotes: ``"a=1,b=(2, 3)"`` -> ``["a=1", "b=(2, 3)"]``."""
+    items, current, depth, quote = [], [], 0, None
+    for char in text:
+        if quote:
+            quote = None if char == quote else quote
+        elif char in "'\"":
+            quote = char
+        elif char in "([{":
+            depth += 1
+        elif char in ")]}":
+            depth -= 1
+        elif char == "," and depth == 0:
+            items.append("".join(current))
+            current = []
+            continue
+        current.append(char)
+    items.append("".join(current))
+    return [item.strip() for item in items if item.strip()]
+
+
+def split_specs(text: str) -> list[str]:
+    """Split a ``--recipes`` value on commas, keeping ``diffopt:a=1,b=2`` together.
+
+    A comma-separated item of the form key=value (no ":" before its "=") continues the options of the item
+    before it; commas inside brackets or quotes do not split.
+
+    Example:
+        >>> split_specs("sdpa,diffopt:compile=False,attention=sdpa,seed")
+        ['sdpa', 'diffopt:compile=False,attention=sdpa', 'seed']
+    """
+    specs: list[str] = []
+    for item in split_top_level(text):
+        if specs and "=" in item and ":" not in item.partition("=")[0]:
+            specs[-1] += "," + item
+        else:
+            specs.append(item)
+    return specs

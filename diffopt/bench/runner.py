@@ -1,0 +1,223 @@
+"""The whole benchmark: every pipeline x batch size x recipe, with its references, as one :class:`BenchRun`.
+
+Example:
+    >>> from diffopt.bench.runner import BenchSettings, run_benchmark
+    >>> run = run_benchmark(BenchSettings(pipelines=["sd-txt2img"], recipes=["classic", "sdpa"], device="cpu",
+    ...                                   size="tiny", steps=1, warmup=1, repeats=1))
+    >>> [(cell.recipe, cell.status) for cell in run.cells]
+    [('classic', 'ok'), ('sdpa', 'ok')]
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Optional
+
+import torch
+
+from diffopt.bench.env import environment, matmul_peak_flops
+from diffopt.bench.measure import (
+    CellResult,
+    CellSettings,
+    Reference,
+    StageReference,
+    StageResult,
+    add_mfu,
+    measure_cell,
+    probe,
+)
+from diffopt.bench.pipelines import PIPELINES
+from diffopt.bench.recipes import resolve
+
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+# Off CUDA, compile recipes would spend minutes in inductor for a tiny model, so the default stays eager.
+DEFAULT_RECIPES = {"cuda": ["sdpa", "seed", "diffopt"], "cpu": ["classic", "sdpa", "diffopt-nocompile"]}
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@dataclass
+class BenchSettings:
+    """What to run. ``None`` fields take the device's defaults (see :meth:`resolved`)."""
+
+    pipelines: list[str] = field(default_factory=lambda: list(PIPELINES))
+    batch_sizes: Optional[list[int]] = None
+    recipes: Optional[list[str]] = None
+    device: Optional[str] = None
+    size: Optional[str] = None
+    dtype: Optional[str] = None
+    steps: Optional[int] = None
+    height: Optional[int] = None
+    width: Optional[int] = None
+    weights: Optional[str] = None
+    warmup: Optional[int] = None
+    repeats: Optional[int] = None
+
+    def resolved(self) -> "BenchSettings":
+        """A copy with the defaults filled in: on CUDA the seed's setup (full size, fp16, batch 1 and 4,
+        3 warm + 3 timed calls), elsewhere a quick tiny float32 run."""
+        device = self.device or default_device()
+        cuda = torch.device(device).type == "cuda"
+        return BenchSettings(
+            pipelines=list(self.pipelines),
+            batch_sizes=self.batch_sizes or ([1, 4] if cuda else [1]),
+            recipes=self.recipes or list(DEFAULT_RECIPES["cuda" if cuda else "cpu"]),
+            device=device,
+            size=self.size or ("full" if cuda else "tiny"),
+            dtype=self.dtype or ("fp16" if cuda else "fp32"),
+            steps=self.steps,
+            height=self.height,
+            width=self.width,
+            weights=self.weights,
+            warmup=self.warmup if self.warmup is not None else (3 if cuda else 2),
+            repeats=self.repeats if self.repeats is not None else (3 if cuda else 2),
+        )
+
+
+@dataclass
+class BenchRun:
+    settings: BenchSettings
+    environment: dict
+    matmul_peak_flops: Optional[float]
+    references: list[Reference]
+    cells: list[CellResult]
+    wall_s: float = 0.0
+
+    def to_json(self) -> dict:
+        """Everything measured, as plain data; reference outputs (tensors) are left out."""
+        references = []
+        for reference in self.references:
+            data = asdict(reference)
+            for stage in data["stages"]:
+                stage.pop("output", None)
+            references.append(data)
+        return {
+            "settings": asdict(self.settings),
+            "environment": self.environment,
+            "matmul_peak_flops": self.matmul_peak_flops,
+            "wall_s": self.wall_s,
+            "references": references,
+            "cells": [asdict(cell) for cell in self.cells],
+        }
+
+
+class NullProgress:
+    """The progress interface run_benchmark reports to; output.py draws it."""
+
+    def start(self, total: int) -> None: ...
+
+    def begin(self, description: str) -> None: ...
+
+    def end(self) -> None: ...
+
+
+def run_benchmark(
+    settings: BenchSettings,
+    progress=None,
+    argv: Optional[list[str]] = None,
+    checkpoint: Optional[Callable[[BenchRun], None]] = None,
+) -> BenchRun:
+    """Run every cell of ``settings``; failures are recorded in their cells. Recipes are checked first.
+
+    ``checkpoint(run)`` is called after every cell with the results so far, so that a run killed by a time
+    limit still leaves the cells it finished (the CLI rewrites results.json each time).
+    """
+    settings = settings.resolved()
+    recipes = [resolve(spec) for spec in settings.recipes]  # fail before an hour of work, not during it
+    progress = progress or NullProgress()
+    device = torch.device(settings.device)
+    cell_settings = CellSettings(
+        size=settings.size,
+        device=device,
+        dtype=DTYPES[settings.dtype],
+        steps=settings.steps,
+        height=settings.height,
+        width=settings.width,
+        weights=settings.weights,
+        warmup=settings.warmup,
+        repeats=settings.repeats,
+    )
+    start = time.perf_counter()
+    run = BenchRun(settings, environment(device, argv), matmul_peak_flops(device, cell_settings.dtype), [], [])
+    progress.start(len(settings.pipelines) * (1 + len(settings.batch_sizes) * len(recipes)))
+    for pipeline in settings.pipelines:
+        progress.begin(f"{pipeline}: eager reference")
+        references = probe(pipeline, settings.batch_sizes, cell_settings)
+        run.references.extend(references)
+        progress.end()
+        for reference in references:
+            for recipe in recipes:
+                progress.begin(f"{pipeline} batch {reference.batch_size}: {recipe.name}")
+                cell = measure_cell(pipeline, reference.batch_size, recipe, cell_settings, reference)
+                add_mfu(cell, run.matmul_peak_flops)
+                run.cells.append(cell)
+                run.wall_s = time.perf_counter() - start
+                if checkpoint is not None:
+                    checkpoint(run)
+                progress.end()
+    run.wall_s = time.perf_counter() - start
+    return run
+
+
+def load_run(path: str) -> BenchRun:
+    """Read a results.json (or the directory holding one) back into a BenchRun, reference outputs excepted."""
+    if os.path.isdir(path):
+        path = os.path.join(path, "results.json")
+    with open(path) as handle:
+        data = json.load(handle)
+    cells = [
+        CellResult(**{**cell, "stages": [StageResult(**stage) for stage in cell["stages"]]})
+        for cell in data["cells"]
+    ]
+    references = [
+        Reference(**{**ref, "stages": [StageReference(**stage) for stage in ref["stages"]]})
+        for ref in data["references"]
+    ]
+    return BenchRun(
+        BenchSettings(**data["settings"]),
+        data["environment"],
+        data["matmul_peak_flops"],
+        references,
+        cells,
+        data.get("wall_s", 0.0),
+    )
+
+
+def merge_runs(runs: list[BenchRun]) -> BenchRun:
+    """One run from several (a long benchmark split into commands that each fit a time limit).
+
+    Pipelines, batch sizes and recipes are the union in first-seen order; a cell measured twice keeps its
+    last measurement. The environment is the first run's, with the others' GPUs listed if they differ.
+    """
+    first = runs[0]
+    cells: dict[tuple, CellResult] = {}
+    references: dict[tuple, Reference] = {}
+    for run in runs:
+        cells.update({(c.pipeline, c.batch_size, c.recipe): c for c in run.cells})
+        references.update({(r.pipeline, r.batch_size): r for r in run.references})
+    settings = BenchSettings(**asdict(first.settings))
+    settings.pipelines = _union(run.settings.pipelines for run in runs)
+    settings.batch_sizes = sorted(_union(run.settings.batch_sizes for run in runs))
+    settings.recipes = _union(run.settings.recipes for run in runs)
+    environment = dict(first.environment)
+    gpus = _union([run.environment.get("gpu")] for run in runs)
+    if len(gpus) > 1:
+        environment["gpu"] = " + ".join(str(gpu) for gpu in gpus)  # numbers from different cards: say so
+    environment["merged_from"] = [run.environment.get("argv") for run in runs]
+    return BenchRun(
+        settings,
+        environment,
+        first.matmul_peak_flops,
+        list(references.values()),
+        list(cells.values()),
+        sum(run.wall_s for run in runs),
+    )
+
+
+def _union(lists) -> list:
+    return list(dict.fromkeys(item for items in lists for item in items))

@@ -1,0 +1,130 @@
+"""``diffopt bench`` on the command line: validation names the bad value and the choices; a run writes files."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from diffopt.bench import recipes
+from diffopt.cli import build_parser, main
+
+
+def _error(capsys, argv):
+    with pytest.raises(SystemExit) as exit_info:
+        build_parser().parse_args(["bench", *argv])
+    assert exit_info.value.code == 2
+    return capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["--pipelines", "sd-txt2img,sd3"], ["'sd3'", "sd-txt2img", "sdxl", "if"]),
+        (["--recipes", "sdpa,turbo"], ["'turbo'", "classic", "seed", "diffopt", "diffopt-nocompile"]),
+        (["--recipes", "seed:mode=max"], ["'seed' takes no options"]),
+        (["--recipes", "diffopt:compile"], ["key=value", "'compile'"]),
+        (["--batch-sizes", "1,0"], ["positive integer", "'0'"]),
+        (["--batch-sizes", "1,four"], ["'four'"]),
+        (["--dtype", "fp8"], ["'fp8'", "bf16", "fp16", "fp32"]),
+        (["--size", "huge"], ["'huge'", "full", "tiny"]),
+        (["--device", "tpu"], ["'tpu'", "cuda", "cpu"]),
+        (["--weights", "/no/such/dir"], ["/no/such/dir"]),
+        (["--steps", "-3"], ["'-3'"]),
+    ],
+)
+def test_bad_values_are_named_with_the_choices(capsys, argv, expected):
+    message = _error(capsys, argv)
+    assert argv[0] in message
+    for text in expected:
+        assert text in message
+
+
+def test_good_values_parse():
+    recipe_list = "sdpa,diffopt:compile=False,attention=sdpa"
+    argv = ["bench", "--pipelines", "all", "--batch-sizes", "1,4", "--recipes", recipe_list]
+    args = build_parser().parse_args(argv)
+    assert args.pipelines == ["sd-txt2img", "sd-img2img", "sd-inpaint", "sd-controlnet", "if", "sdxl"]
+    assert args.batch_sizes == [1, 4]
+    assert args.recipes == ["sdpa", "diffopt:compile=False,attention=sdpa"]
+    assert recipes.resolve(args.recipes[1]).options == {"compile": False, "attention": "sdpa"}
+
+
+def test_recipe_options_are_python_literals_when_they_parse():
+    options = recipes.parse_options("compile=False, mode='max-autotune', attention=sdpa, n=3, sizes=(1, 2)")
+    assert options == {"compile": False, "mode": "max-autotune", "attention": "sdpa", "n": 3, "sizes": (1, 2)}
+    specs = recipes.split_specs("seed,diffopt:a=1,b=(2, 3),c='x,y',diffopt-nocompile")
+    assert specs == ["seed", "diffopt:a=1,b=(2, 3),c='x,y'", "diffopt-nocompile"]
+
+
+def test_presets_resolve_to_their_spec_and_compile_flag():
+    recipe = recipes.resolve("diffopt-nocompile")
+    assert recipe.name == "diffopt-nocompile" and recipe.options == {"compile": False} and not recipe.compiles
+    assert recipes.resolve("seed").compiles and recipes.resolve("diffopt").compiles
+    assert not recipes.resolve("sdpa").compiles
+
+
+def test_seed_recipe_wraps_the_denoisers_in_torch_compile_without_compiling_yet():
+    from diffopt.bench.pipelines import build_case
+
+    torch.compiler.reset()
+    pipe = build_case("sd-controlnet", size="tiny").stages[0].pipe
+    recipes.resolve("seed").apply(pipe)  # torch.compile is lazy: nothing compiles until the first call
+    for name in ("unet", "controlnet"):
+        module = getattr(pipe, name)
+        assert isinstance(module, torch._dynamo.eval_frame.OptimizedModule)
+        conv = module._orig_mod.conv_in.weight
+        assert conv.is_contiguous(memory_format=torch.channels_last)
+    torch.compiler.reset()
+
+
+def test_main_writes_results(tmp_path, capsys):
+    out = tmp_path / "out"
+    with torch.backends.mkldnn.flags(enabled=False):
+        status = main(
+            ["bench", "--pipelines", "sd-inpaint", "--recipes", "classic,sdpa", "--steps", "1", "--warmup", "1",
+             "--repeats", "1", "--device", "cpu", "--out", str(out)]
+        )  # fmt: skip
+    assert status == 0
+    data = json.loads((out / "results.json").read_text())
+    assert [(c["pipeline"], c["recipe"], c["status"]) for c in data["cells"]] == [
+        ("sd-inpaint", "classic", "ok"),
+        ("sd-inpaint", "sdpa", "ok"),
+    ]
+    assert data["settings"]["size"] == "tiny"  # the CPU default
+    assert "SD - inpaint" in (out / "results.md").read_text()
+    assert "results.json" in capsys.readouterr().out
+
+
+def test_python_dash_m_entry_point_shows_bench_options():
+    result = subprocess.run(
+        [sys.executable, "-m", "diffopt.bench", "--help"], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0
+    assert "--batch-sizes" in result.stdout and "--recipes" in result.stdout
+
+
+def test_main_without_a_command_prints_help(capsys):
+    assert main([]) == 2
+    assert "bench" in capsys.readouterr().out
+
+
+def test_merge_combines_runs_split_across_commands(tmp_path, capsys):
+    quick = ["--steps", "1", "--warmup", "1", "--repeats", "1", "--device", "cpu"]
+    with torch.backends.mkldnn.flags(enabled=False):
+        assert main(["bench", "--pipelines", "sdxl", "--recipes", "sdpa", *quick, "--out", str(tmp_path / "a")]) == 0
+        argv = ["bench", "--pipelines", "sd-txt2img", "--batch-sizes", "2", "--recipes", "classic,sdpa", *quick]
+        assert main([*argv, "--out", str(tmp_path / "b")]) == 0
+    merged = tmp_path / "merged"
+    assert main(["bench", "--merge", str(tmp_path / "a"), str(tmp_path / "b" / "results.json"), "--out", str(merged)]) == 0
+    data = json.loads((merged / "results.json").read_text())
+    assert {(c["pipeline"], c["batch_size"], c["recipe"]) for c in data["cells"]} == {
+        ("sdxl", 1, "sdpa"),
+        ("sd-txt2img", 2, "classic"),
+        ("sd-txt2img", 2, "sdpa"),
+    }
+    assert data["settings"]["batch_sizes"] == [1, 2] and data["settings"]["recipes"] == ["sdpa", "classic"]
+    markdown = (merged / "results.md").read_text()
+    assert "batch size: 1" in markdown and "batch size: 2" in markdown and "| SD - txt2img |" in markdown
+    capsys.readouterr()
+    _error(capsys, ["--merge", str(tmp_path / "nothing-here")])

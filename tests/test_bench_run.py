@@ -1,0 +1,163 @@
+"""A whole (tiny, CPU) benchmark run: every cell measured or its failure recorded, and every output written."""
+import json
+
+import pytest
+import torch
+
+from diffopt.bench import output, recipes
+from diffopt.bench.env import OutOfMemoryError
+from diffopt.bench.runner import BenchSettings, run_benchmark
+
+QUICK = dict(device="cpu", size="tiny", steps=1, warmup=1, repeats=2)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _no_onednn():
+    # oneDNN compiles a kernel per new convolution shape: seconds on a small CPU, milliseconds without it.
+    with torch.backends.mkldnn.flags(enabled=False):
+        yield
+
+
+def _failing_recipes(monkeypatch):
+    """Register a recipe that raises, and one whose pipeline runs out of memory in the timed calls."""
+
+    def broken(pipe):
+        raise RuntimeError("recipe exploded")
+
+    def oom_after_warmup(pipe):
+        real_call = type(pipe).__call__
+        calls = []
+
+        def call(self, *args, **kwargs):
+            calls.append(1)
+            if len(calls) > 1:  # the first (warm) call passes, the timed ones fail
+                raise OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+            return real_call(self, *args, **kwargs)
+
+        # A subclass per pipeline instance: the class of every other pipeline stays untouched.
+        pipe.__class__ = type(type(pipe).__name__, (type(pipe),), {"__call__": call})
+
+    monkeypatch.setitem(recipes.RECIPES, "broken", broken)
+    monkeypatch.setitem(recipes.RECIPES, "oom", oom_after_warmup)
+
+
+@pytest.fixture(scope="module")
+def run():
+    # One run shared by the tests that read it: building and timing 16 cells is the slow part.
+    settings = BenchSettings(
+        pipelines=["sd-txt2img", "if"], batch_sizes=[1, 2], recipes=["classic", "sdpa", "broken", "oom"], **QUICK
+    )
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        _failing_recipes(monkeypatch)
+        return run_benchmark(settings, argv=["diffopt", "bench", "--test"])
+
+
+def _cell(run, pipeline, batch_size, recipe):
+    (cell,) = [c for c in run.cells if (c.pipeline, c.batch_size, c.recipe) == (pipeline, batch_size, recipe)]
+    return cell
+
+
+def test_every_cell_is_measured_or_records_its_failure(run):
+    assert len(run.cells) == 2 * 2 * 4
+    for pipeline in ("sd-txt2img", "if"):
+        for batch_size in (1, 2):
+            sdpa = _cell(run, pipeline, batch_size, "sdpa")
+            classic = _cell(run, pipeline, batch_size, "classic")
+            assert sdpa.ok and classic.ok
+            for stage in sdpa.stages:
+                assert stage.steps == 1 and stage.steps_per_s == pytest.approx(1 / stage.median_s)
+                assert len(stage.times_s) == 2 and stage.flops_per_step > 0
+                assert stage.relative_l2 == pytest.approx(0.0, abs=1e-6)  # same build, same seed as the reference
+            # Classic attention computes the same function: small but nonzero difference.
+            assert all(0 < stage.relative_l2 < 1e-3 for stage in classic.stages)
+            broken = _cell(run, pipeline, batch_size, "broken")
+            assert broken.status == "error" and "recipe exploded" in broken.error and "recipe" in broken.error
+            assert broken.stages == [] and "RuntimeError" in broken.traceback
+            oom = _cell(run, pipeline, batch_size, "oom")
+            assert oom.status == "oom" and oom.error.startswith("OOM after warmup")
+    assert _cell(run, "if", 2, "oom").error == "OOM after warmup (stage I)"
+    # IF runs its upscalers at batch 1 whatever the batch size, like the seed.
+    assert [s.batch_size for s in _cell(run, "if", 2, "sdpa").stages] == [2, 1, 1]
+
+
+def test_tables_have_a_cell_per_pipeline_and_recipe(run, capsys):
+    rows = output.table_rows(run, 2)
+    assert [row[0] for row in rows] == ["SD - txt2img", "IF"]
+    sd_row, if_row = rows
+    assert sd_row[3] == "recipe exploded" or "RuntimeError" in sd_row[3]
+    assert sd_row[4].startswith("OOM after warmup")
+    assert len(if_row[2].split(" / ")) == 3  # I / II / III
+    assert float(sd_row[2]) == pytest.approx(_cell(run, "sd-txt2img", 2, "sdpa").stages[0].steps_per_s, rel=0.01)
+    output.print_tables(run)
+    printed = capsys.readouterr().out
+    assert "batch size: 1" in printed and "batch size: 2" in printed and "OOM after warmup" in printed
+
+
+def test_outputs_are_written_with_every_raw_number(run, tmp_path):
+    paths = output.write_outputs(run, str(tmp_path / "out"))
+    data = json.loads(open(paths["json"]).read())
+    assert len(data["cells"]) == len(run.cells)
+    assert {"torch", "diffusers", "python", "date", "argv", "gpu", "driver"} <= set(data["environment"])
+    assert data["environment"]["argv"] == ["diffopt", "bench", "--test"]
+    assert data["settings"]["recipes"] == ["classic", "sdpa", "broken", "oom"]
+    first = data["cells"][0]["stages"][0]
+    assert {"times_s", "median_s", "first_call_s", "end_to_end_s", "flops_per_step", "relative_l2"} <= set(first)
+    assert all("output" not in stage for ref in data["references"] for stage in ref["stages"])
+    markdown = open(paths["markdown"]).read()
+    assert "| SD - txt2img |" in markdown and "## Details" in markdown and "OOM after warmup" in markdown
+    pytest.importorskip("matplotlib")
+    assert open(paths["chart"], "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_speedups_are_relative_to_sdpa(run):
+    speedups = output.speedups(run)
+    for key, values in speedups.items():
+        assert values["sdpa"] == pytest.approx(1.0)
+        assert "broken" not in values and "oom" not in values
+    sd = speedups[("sd-txt2img", 1)]
+    classic, sdpa = _cell(run, "sd-txt2img", 1, "classic"), _cell(run, "sd-txt2img", 1, "sdpa")
+    assert sd["classic"] == pytest.approx(sdpa.stages[0].median_s / classic.stages[0].median_s)
+
+
+def test_chart_is_skipped_without_an_sdpa_cell(tmp_path, capsys):
+    run = run_benchmark(BenchSettings(pipelines=["sdxl"], recipes=["classic"], **QUICK))
+    assert output.plot_speedups(run, str(tmp_path / "speedup.png")) is None
+    assert "sdpa" in capsys.readouterr().err
+
+
+def test_diffopt_recipe_calls_optimize_and_keeps_its_report():
+    diffopt = pytest.importorskip("diffopt")
+    if not hasattr(diffopt, "optimize"):
+        pytest.skip("diffopt core not present")
+    run = run_benchmark(BenchSettings(pipelines=["sd-txt2img"], recipes=["sdpa", "diffopt-nocompile"], **QUICK))
+    cell = _cell(run, "sd-txt2img", 1, "diffopt-nocompile")
+    assert cell.ok, cell.error
+    assert cell.notes and cell.stages[0].relative_l2 < 1e-3
+
+
+def test_bad_recipe_fails_before_anything_is_built():
+    with pytest.raises(ValueError, match="unknown recipe 'turbo'.*classic"):
+        run_benchmark(BenchSettings(pipelines=["sd-txt2img"], recipes=["sdpa", "turbo"], **QUICK))
+
+
+def test_cpu_defaults_are_quick_and_eager():
+    settings = BenchSettings(device="cpu").resolved()
+    assert settings.size == "tiny" and settings.dtype == "fp32" and settings.batch_sizes == [1]
+    assert not any(recipes.resolve(spec).compiles for spec in settings.recipes)
+    cuda = BenchSettings(device="cuda").resolved()
+    assert (cuda.size, cuda.dtype, cuda.batch_sizes, cuda.warmup, cuda.repeats) == ("full", "fp16", [1, 4], 3, 3)
+    assert cuda.recipes == ["sdpa", "seed", "diffopt"]
+
+
+def test_checkpoint_sees_every_cell_as_it_finishes(tmp_path):
+    seen = []
+
+    def checkpoint(partial):
+        seen.append(len(partial.cells))
+        output.write_json(partial, str(tmp_path))
+
+    settings = BenchSettings(pipelines=["sd-txt2img"], batch_sizes=[1, 2], recipes=["sdpa"], **QUICK)
+    run_benchmark(settings, checkpoint=checkpoint)
+    assert seen == [1, 2]
+    assert len(json.loads((tmp_path / "results.json").read_text())["cells"]) == 2
+    assert not (tmp_path / "results.json.tmp").exists()
