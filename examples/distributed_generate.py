@@ -28,22 +28,11 @@ import time
 import torch
 import torch.distributed as dist
 
+from diffopt.bench.configs import model_config
 from diffopt.distributed import enable_cfg_parallel, generate_data_parallel
 
-SDXL_UNET = dict(
-    sample_size=128,
-    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-    block_out_channels=(320, 640, 1280),
-    layers_per_block=2,
-    transformer_layers_per_block=(1, 2, 10),
-    attention_head_dim=(5, 10, 20),
-    cross_attention_dim=2048,
-    use_linear_projection=True,
-    addition_embed_type="text_time",
-    addition_time_embed_dim=256,
-    projection_class_embeddings_input_dim=2816,
-)
+# The public SDXL UNet architecture, shared with `diffopt bench`.
+SDXL_UNET = model_config("sdxl-unet")
 SDXL_VAE = dict(
     block_out_channels=(128, 256, 512, 512),
     down_block_types=("DownEncoderBlock2D",) * 4,
