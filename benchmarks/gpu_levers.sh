@@ -14,6 +14,6 @@ for v in "$@"; do
     *) cmd=(python3 benchmarks/levers.py "$v" "$batch" 50) ;;
   esac
   start=$(date +%s)
-  timeout "${LEVER_TIMEOUT:-110}" "${cmd[@]}" 2>&1 | grep -E "RESULT|Error|error:|Traceback" | tail -3 | tee -a "$out/levers.log"
+  timeout "${LEVER_TIMEOUT:-110}" "${cmd[@]}" 2>&1 | grep -E "RESULT|PROFILE|Error|error:|Traceback" | tail -3 | tee -a "$out/levers.log"
   echo "# $v wall $(( $(date +%s) - start ))s" | tee -a "$out/levers.log"
 done

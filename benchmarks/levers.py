@@ -7,7 +7,10 @@ steps/s of the whole pipeline call, median of 3 after warm calls).
 VARIANT joins tokens with '+': seed (SDPA + channels_last + compile reduce-overhead fullgraph),
 cudnn_bench (torch.backends.cudnn.benchmark during capture), cudnn_attn / flash_attn / efficient_attn
 (SDPA kernel forced while compiling and running), freezing (inductor freezing + CUDA graphs),
-diffopt (diffopt.optimize defaults). Prints one RESULT json line.
+diffopt (diffopt.optimize defaults), dynbatch (batch dimension of the UNet inputs marked dynamic before the
+compiled call, so a new batch size re-records CUDA graphs instead of recompiling), switch (also time the first
+call after switching to batch 4 and back to 1), profile (kernel time per category over one call, from
+torch.profiler). Prints one RESULT json line (and a PROFILE line).
 """
 import contextlib
 import json
@@ -68,6 +71,17 @@ elif "seed" in tokens:
     else:
         pipe.unet = torch.compile(pipe.unet, mode="reduce-overhead", fullgraph=True)
 
+if "dynbatch" in tokens:
+    # Mark the batch dimension before the compiled call sees the tensors: one graph serves every batch size.
+    inner = pipe.unet.forward
+
+    def forward(sample, timestep, encoder_hidden_states, *args, **kwargs):
+        torch._dynamo.maybe_mark_dynamic(sample, 0)
+        torch._dynamo.maybe_mark_dynamic(encoder_hidden_states, 0)
+        return inner(sample, timestep, encoder_hidden_states, *args, **kwargs)
+
+    pipe.unet.forward = forward
+
 torch.cuda.reset_peak_memory_stats()
 with scope:
     first, _ = call()
@@ -77,7 +91,31 @@ with scope:
 times = sorted(t for t, _ in runs)
 out = runs[0][1]
 rel = ((out - reference).norm() / reference.norm()).item()
+extra = {}
+if "switch" in tokens:
+    with scope:
+        for b in (4, 1):
+            pe = torch.randn(b, 77, 768, device=dev, dtype=dt, generator=g)
+            ne = torch.randn(b, 77, 768, device=dev, dtype=dt, generator=g)
+            extra[f"first_after_switch_to_bs{b}_s"] = round(call()[0], 2)
+            extra[f"steady_bs{b}_steps_per_s"] = round(steps / sorted(call()[0] for _ in range(3))[1], 2)
+if "profile" in tokens:
+    from torch.profiler import ProfilerActivity, profile
+
+    with scope, profile(activities=[ProfilerActivity.CUDA]) as prof:
+        call()
+    categories = {}
+    for event in prof.key_averages():
+        name = event.key.lower()
+        kind = ("attention" if any(k in name for k in ("flash", "fmha", "attention", "sdpa")) else
+                "conv" if any(k in name for k in ("conv", "fprop", "dgrad", "implicit", "winograd")) else
+                "gemm" if any(k in name for k in ("gemm", "nvjet", "cutlass", "matmul", "sm90_xmma")) else
+                "triton" if "triton" in name else "other")
+        categories[kind] = categories.get(kind, 0.0) + event.device_time_total / 1e3 / steps  # ms per step
+    top = sorted(prof.key_averages(), key=lambda e: -e.device_time_total)[:12]
+    print("PROFILE", json.dumps({"ms_per_step": {k: round(v, 3) for k, v in categories.items()},
+                                 "top": [(e.key[:90], round(e.device_time_total / 1e3 / steps, 3), e.count // steps) for e in top]}), flush=True)
 res = dict(variant=variant, batch=batch, steps=steps, first_s=round(first, 2), steps_per_s=round(steps / times[1], 2),
-           peak_gb=round(torch.cuda.max_memory_allocated() / 2**30, 2), rel_l2_vs_eager_sdpa=rel,
+           peak_gb=round(torch.cuda.max_memory_allocated() / 2**30, 2), rel_l2_vs_eager_sdpa=rel, **extra,
            gpu=torch.cuda.get_device_name(), torch=torch.__version__, diffusers=__import__("diffusers").__version__)
 print("RESULT", json.dumps(res), flush=True)
