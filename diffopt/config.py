@@ -55,6 +55,9 @@ class OptimizeConfig:
     #: Also optimize the VAE decoder (attention, memory format, compile); off by default because it
     #: adds compile time and runs once per image rather than once per step.
     compile_vae: bool = False
+    #: Compile every batch size into one graph (the inputs' batch dimension marked dynamic), so a new batch size
+    #: costs a CUDA-graph recording instead of a recompile. False: one specialized graph per batch size.
+    dynamic_batch: bool = True
     #: The options the user named; a feature the installed versions lack is an error when named here
     #: and a skip with a reason otherwise. Filled in by :meth:`from_options`.
     explicit: FrozenSet[str] = field(default=frozenset(), repr=False, compare=False)
@@ -63,6 +66,7 @@ class OptimizeConfig:
         check_choice("attention", self.attention, ATTENTION_CHOICES)
         check_choice("memory_format", self.memory_format, MEMORY_FORMAT_CHOICES)
         check_bool("compile_vae", self.compile_vae)
+        check_bool("dynamic_batch", self.dynamic_batch)
         if isinstance(self.compile, Mapping):
             self._check_compile_options(dict(self.compile))
         elif not isinstance(self.compile, bool):

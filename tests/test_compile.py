@@ -1,7 +1,7 @@
 """Compile for real (inductor on the CPU): fidelity against eager, and no recompiles once warm."""
 import pytest
 import torch
-from conftest import rel_l2, run_pipeline, sd3_inputs, sd3_transformer, sd_pipeline, tiny_controlnet
+from conftest import rel_l2, run_pipeline, sd3_inputs, sd3_transformer, sd_pipeline, tiny_controlnet, tiny_unet, unet_inputs
 
 import diffopt
 
@@ -42,3 +42,43 @@ def test_sd3_transformer_inductor_matches_eager():
     with torch.no_grad():
         assert rel_l2(model(**inputs).sample, eager) < 1e-4
     diffopt.restore(model)
+
+
+def test_one_graph_serves_every_batch_size():
+    unet = tiny_unet()
+    eager = {}
+    with torch.no_grad():
+        for batch in (2, 4, 3):
+            eager[batch] = unet(**unet_inputs(unet, batch)).sample
+    diffopt.optimize(unet)
+    with torch.no_grad():
+        assert rel_l2(unet(**unet_inputs(unet, 2)).sample, eager[2]) < 1e-4
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            for batch in (4, 3, 2):
+                assert rel_l2(unet(**unet_inputs(unet, batch)).sample, eager[batch]) < 1e-4
+    diffopt.restore(unet)
+
+
+def test_dynamic_batch_false_specializes_on_the_batch_size():
+    unet = tiny_unet()
+    diffopt.optimize(unet, compile={"backend": "aot_eager"}, dynamic_batch=False)
+    with torch.no_grad():
+        unet(**unet_inputs(unet, 2))
+        with torch._dynamo.config.patch(error_on_recompile=True), pytest.raises(Exception, match="[Rr]ecompil"):
+            unet(**unet_inputs(unet, 4))
+    diffopt.restore(unet)
+
+
+def test_many_distinct_models_compile_in_one_process():
+    # Modules compiled in place share nn.Module._call_impl's code object and so one recompile limit (8).
+    from diffusers import UNet2DConditionModel
+
+    for dim in range(8, 8 + 4 * 10, 4):  # ten architectures, one graph each
+        unet = UNet2DConditionModel(
+            sample_size=8, block_out_channels=(8,), layers_per_block=1, norm_num_groups=4, cross_attention_dim=dim,
+            down_block_types=("CrossAttnDownBlock2D",), up_block_types=("CrossAttnUpBlock2D",), attention_head_dim=2,
+        )
+        diffopt.optimize(unet, compile={"backend": "eager"})
+        with torch.no_grad():
+            unet(torch.randn(2, 4, 8, 8), 1, torch.randn(2, 3, dim))
+    assert torch._dynamo.config.recompile_limit == 8  # raised only while our modules run

@@ -56,7 +56,7 @@ def test_quickstart_with_inductor_compile():
     # The default command, with fewer steps: inductor compiles the tiny UNet (tens of seconds on a CPU).
     out = run_quickstart("--steps", "2", timeout=600)
     check_common(out)
-    assert row(out, "compile", "applied", re.escape("torch.compile(fullgraph=True)"))
+    assert row(out, "compile", "applied", re.escape("torch.compile(fullgraph=True), dynamic batch"))
     assert row(out, "compile", "applied", "undone"), "restore did not undo the compile"
     # Compiling takes far longer than one eager generation; a fast first call means nothing was compiled.
     assert number(out, r"first call\s+:\s+([\d.]+) s") > 1.0
@@ -71,19 +71,28 @@ def test_notebook_is_committed_without_outputs():
     assert code and all(not c.outputs and c.execution_count is None for c in code), "clear the notebook's outputs"
 
 
-def test_notebook_runs():
+def test_notebook_runs(tmp_path, monkeypatch):
+    import json
+    import sys
+
     import nbclient
     import nbformat
 
+    # A kernel that runs this very interpreter: an installed "python3" kernelspec may point at another one.
+    spec = tmp_path / "kernels" / "diffopt-test"
+    spec.mkdir(parents=True)
+    argv = [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"]
+    (spec / "kernel.json").write_text(json.dumps({"argv": argv, "display_name": "diffopt test", "language": "python"}))
+    monkeypatch.setenv("JUPYTER_PATH", str(tmp_path))  # searched before the user's and the system's kernels
     nb = nbformat.read(EXAMPLES / "quickstart.ipynb", as_version=4)
     client = nbclient.NotebookClient(
-        nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(EXAMPLES)}},
+        nb, timeout=300, kernel_name="diffopt-test", resources={"metadata": {"path": str(EXAMPLES)}},
     )
     client.execute()  # raises CellExecutionError on the first failing cell
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
     assert not [o for o in outputs if o.output_type == "error"]
     text = "".join(o.get("text", "") for o in outputs if o.output_type == "stream" and o.name == "stdout")
-    assert "unet       compile        applied    torch.compile(fullgraph=True, backend='aot_eager')" in text
+    assert "unet       compile        applied    torch.compile(fullgraph=True, backend='aot_eager'), dynamic batch" in text
     assert "graphs compiled by the second optimize: 0" in text
     assert "same output as the first optimize: True" in text
     assert "pipe.unet is unet: True" in text

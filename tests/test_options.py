@@ -2,7 +2,7 @@
 version gates skip with a reason or raise when the user named the option."""
 import pytest
 import torch
-from conftest import run_pipeline, sd_pipeline, tiny_unet
+from conftest import rel_l2, run_pipeline, sd_pipeline, tiny_unet
 from packaging.version import Version
 from test_roundtrip import assert_same, snapshot
 
@@ -96,7 +96,7 @@ def test_failure_half_way_undoes_applied_steps(monkeypatch, pipe):
     eager = run_pipeline(pipe)
     before = snapshot(pipe)
 
-    def broken_compile(module, options):
+    def broken_compile(module, options, *extras):
         raise RuntimeError("compile exploded")
 
     monkeypatch.setattr(api, "apply_compile", broken_compile)
@@ -111,7 +111,7 @@ def test_failed_second_call_leaves_the_first_optimization(monkeypatch, pipe):
 
     diffopt.optimize(pipe, compile=False)
     optimized = snapshot(pipe)
-    monkeypatch.setattr(api, "apply_compile", lambda m, o: (_ for _ in ()).throw(RuntimeError("boom")))
+    monkeypatch.setattr(api, "apply_compile", lambda m, o, *extras: (_ for _ in ()).throw(RuntimeError("boom")))
     with pytest.raises(RuntimeError, match="boom"):
         diffopt.optimize(pipe, compile=True)
     monkeypatch.undo()
@@ -189,18 +189,30 @@ def test_cuda_default_mode_gives_way_to_options_and_other_backends(monkeypatch, 
         diffopt.optimize(pipe, compile={"mode": "default", "options": {"freezing": True}})
 
 
-def test_controlnets_compile_without_cuda_graphs_unless_a_mode_is_named(monkeypatch):
+@pytest.mark.parametrize("nets", [1, 2])
+def test_first_controlnet_starts_a_cuda_graph_step_on_every_call(monkeypatch, nets):
+    # diffusers marks each step only for OptimizedModule wrappers; in-place compiled ControlNets must do it
+    # themselves, once per step: the second net of a MultiControlNet must not free the first net's residuals.
     from conftest import tiny_controlnet
+    from diffusers import MultiControlNetModel
 
     from diffopt import api
 
-    pipe = sd_pipeline(controlnet=tiny_controlnet())
+    controlnet = tiny_controlnet() if nets == 1 else MultiControlNetModel([tiny_controlnet() for _ in range(nets)])
+    pipe = sd_pipeline(controlnet=controlnet)
+    eager = run_pipeline(pipe, steps=3)
     monkeypatch.setattr(api, "default_options", lambda device: {"mode": "reduce-overhead", "fullgraph": True, "backend": "aot_eager"})
+    marks = []
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
     report = diffopt.optimize(pipe)
     details = {s.component: s.detail for s in report.applied if s.transform == "compile"}
-    assert "reduce-overhead" in details["unet"] and "reduce-overhead" not in details["controlnet"]
-    assert any(s.component == "controlnet" and "CUDA graphs off" in s.detail for s in report.skipped)
-    report = diffopt.optimize(pipe, compile={"mode": "reduce-overhead", "backend": "aot_eager"})
-    details = {s.component: s.detail for s in report.applied if s.transform == "compile"}
-    assert "reduce-overhead" in details["controlnet"]
+    first = "controlnet" if nets == 1 else "controlnet.nets.0"
+    assert "new CUDA-graph step per call" in details[first] and "reduce-overhead" in details[first]
+    assert not any("new CUDA-graph step" in d for c, d in details.items() if c != first)
+    assert rel_l2(run_pipeline(pipe, steps=3), eager) < 1e-4  # channels_last reorders the conv sums
+    assert len(marks) == 3  # one per denoising step
+    diffopt.optimize(pipe, compile={"backend": "aot_eager"})  # no CUDA graphs: nothing to mark
+    marks.clear()
+    run_pipeline(pipe, steps=3)
+    assert marks == []
     diffopt.restore(pipe)

@@ -13,6 +13,10 @@ import torch
 from . import Change
 
 _ATTR = "_compiled_call_impl"
+#: Modes whose compiled graphs replay as CUDA graphs (their outputs live in a pool the next replay reuses).
+CUDA_GRAPH_MODES = ("reduce-overhead",)
+#: Dynamo's recompile limit while a module compiled by diffopt runs (see apply_compile).
+RECOMPILE_LIMIT = 64
 
 
 def is_compiled(module: torch.nn.Module) -> bool:
@@ -33,11 +37,63 @@ def describe(options: Dict[str, Any]) -> str:
     return "torch.compile(" + ", ".join(f"{k}={v!r}" for k, v in options.items()) + ")"
 
 
-def apply_compile(module: torch.nn.Module, options: Dict[str, Any]) -> Optional[Change]:
-    """Compile ``module`` in place with ``options``; undo returns it to eager execution."""
+def mark_batch_dynamic(args, kwargs) -> None:
+    """Mark dim 0 of every tensor argument whose dim 0 is the batch (the first tensor's) as dynamic, one level
+    into dicts, lists and tuples (SDXL's added_cond_kwargs, ControlNet residuals). "maybe": a size that must
+    stay static (0 or 1) is specialized instead of raising."""
+    values = []
+    for value in list(args) + list(kwargs.values()):
+        if isinstance(value, dict):
+            values += value.values()
+        elif isinstance(value, (list, tuple)):
+            values += value
+        else:
+            values.append(value)
+    tensors = [v for v in values if isinstance(v, torch.Tensor) and v.dim() > 0]
+    if not tensors:
+        return
+    batch = tensors[0].shape[0]
+    for tensor in tensors:
+        if tensor.shape[0] == batch:
+            torch._dynamo.maybe_mark_dynamic(tensor, 0)
+
+
+def apply_compile(
+    module: torch.nn.Module, options: Dict[str, Any], new_step: bool = False, dynamic_batch: bool = False
+) -> Optional[Change]:
+    """Compile ``module`` in place with ``options``; undo returns it to eager execution.
+
+    Both extras run before each call, outside the compiled code:
+    ``new_step`` calls ``torch.compiler.cudagraph_mark_step_begin()``, for the module that starts a denoising
+    step (a ControlNet), so the CUDA graphs of one step never read outputs owned by the previous step's replays;
+    ``dynamic_batch`` marks the inputs' batch dimension dynamic (see :func:`mark_batch_dynamic`).
+    """
     had_own = _ATTR in module.__dict__
     previous = module.__dict__.get(_ATTR)
     module.compile(**options)
+    compiled_call = module.__dict__[_ATTR]
+    dynamo_config = torch._dynamo.config
+    limit_name = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"  # < 2.6
+
+    def call(*args, **kwargs):
+        if new_step:
+            torch.compiler.cudagraph_mark_step_begin()
+        if dynamic_batch:
+            mark_batch_dynamic(args, kwargs)
+        # Every module compiled in place shares the code object of nn.Module._call_impl, so dynamo's
+        # recompile limit (8 per code object) counts all of them together: the ninth distinct model compiled in
+        # one process (a notebook trying pipelines) fails hard under fullgraph=True. Raise it for our calls only.
+        limit = getattr(dynamo_config, limit_name)
+        setattr(dynamo_config, limit_name, max(limit, RECOMPILE_LIMIT))
+        try:
+            return compiled_call(*args, **kwargs)
+        finally:
+            setattr(dynamo_config, limit_name, limit)
+
+    module.__dict__[_ATTR] = call
+    detail = describe(options) + "".join(
+        [", dynamic batch" if dynamic_batch else "", ", new CUDA-graph step per call" if new_step else ""]
+    )
 
     def undo():
         if had_own:
@@ -45,4 +101,4 @@ def apply_compile(module: torch.nn.Module, options: Dict[str, Any]) -> Optional[
         else:
             module.__dict__.pop(_ATTR, None)
 
-    return Change(describe(options), undo)
+    return Change(detail, undo)
