@@ -12,8 +12,10 @@ GPU is probed, until :func:`optimize` runs.
 """
 from .api import optimize, restore
 from .capabilities import UnsupportedFeatureError
-from .config import OptimizeConfig
+from .config import DeepCache, FirstBlockCache, OptimizeConfig
 from .report import Report
 
 __version__ = "0.1.0"
-__all__ = ["optimize", "restore", "OptimizeConfig", "Report", "UnsupportedFeatureError", "__version__"]
+__all__ = [
+    "optimize", "restore", "OptimizeConfig", "DeepCache", "FirstBlockCache", "Report", "UnsupportedFeatureError", "__version__",
+]

@@ -72,3 +72,13 @@ def require_or_skip(gate: Gate, explicit: bool, option: str) -> str:
     if explicit:
         raise UnsupportedFeatureError(f"{option}: {gate.reason}")
     return gate.reason
+
+
+def first_block_cache() -> Gate:
+    """diffusers' First Block Cache hooks (``diffusers.hooks.FirstBlockCacheConfig``)."""
+    import diffusers.hooks
+
+    found = hasattr(diffusers.hooks, "FirstBlockCacheConfig")
+    return Gate(
+        "first-block cache", found, "diffusers with hooks.FirstBlockCacheConfig", f"diffusers {installed_version('diffusers')}"
+    )

@@ -6,7 +6,9 @@ rejects a bad value before anything on the pipeline is touched.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
+from numbers import Real
 from typing import Any, FrozenSet, Mapping, Optional, Union
 
 # "auto" and None both mean: leave the attention processors as they are.
@@ -16,6 +18,9 @@ MEMORY_FORMAT_CHOICES = ("channels_last", "contiguous", "preserve", None)
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs", None)
 COMPILE_KEYS = ("mode", "fullgraph", "dynamic", "backend", "options")
 RESTORE_ATTENTION_CHOICES = ("default", "original")
+# "deepcache" and "first_block" mean DeepCache() and FirstBlockCache() with their defaults; "auto" picks per
+# denoiser (DeepCache for UNets, FirstBlockCache for transformers that have diffusers' cache hooks).
+CACHE_CHOICES = ("deepcache", "first_block", "auto", None)
 
 
 def _choices(values) -> str:
@@ -32,6 +37,70 @@ def check_choice(name: str, value: Any, choices) -> None:
 def check_bool(name: str, value: Any) -> None:
     if not isinstance(value, bool):
         raise TypeError(f"{name} must be True or False, got {value!r} ({type(value).__name__})")
+
+
+def check_int(name: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an integer >= {minimum}, got {value!r} ({type(value).__name__})")
+    if value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class DeepCache:
+    """Step caching for UNets, in the manner of DeepCache (Ma et al., 2023): every ``interval``-th step runs the
+    whole UNet and keeps the features that leave its deep part; the steps in between run only the shallow branch
+    (``conv_in``, the first ``depth`` down blocks, the last ``depth`` up blocks, ``conv_out``) on the kept
+    features. Larger ``interval`` or smaller ``depth`` is faster and further from the uncached image.
+
+    Example::
+
+        diffopt.optimize(pipe, cache=diffopt.DeepCache(interval=3, depth=1))
+    """
+
+    #: Steps per full UNet evaluation; 1 runs every step in full (the same image as without the cache).
+    interval: int = 3
+    #: Down/up blocks kept on cached steps, from the outside in; 1 <= depth < number of down blocks.
+    depth: int = 1
+
+    def __post_init__(self):
+        check_int("DeepCache interval", self.interval, 1)
+        check_int("DeepCache depth", self.depth, 1)
+
+
+@dataclass(frozen=True)
+class FirstBlockCache:
+    """Step caching for transformers: diffusers' First Block Cache (after ParaAttention's). Every step runs the
+    first transformer block; when its output moved less than ``threshold`` (relative mean absolute change) since
+    the last full step, the other blocks are skipped and their last residual is added instead.
+
+    Example::
+
+        diffopt.optimize(pipe, cache=diffopt.FirstBlockCache(threshold=0.08))
+    """
+
+    #: Higher skips more steps (faster, further from the uncached image); 0 never skips.
+    threshold: float = 0.05
+
+    def __post_init__(self):
+        value = self.threshold
+        if isinstance(value, bool) or not isinstance(value, Real):
+            raise TypeError(f"FirstBlockCache threshold must be a number >= 0, got {value!r} ({type(value).__name__})")
+        if not math.isfinite(value) or value < 0:
+            raise ValueError(f"FirstBlockCache threshold must be a finite number >= 0, got {value!r}")
+
+
+CacheSetting = Union[None, str, DeepCache, FirstBlockCache]
+
+
+def check_cache(value: Any) -> None:
+    if isinstance(value, (DeepCache, FirstBlockCache)):
+        return
+    choices = f"{_choices(CACHE_CHOICES)}, diffopt.DeepCache(...) or diffopt.FirstBlockCache(...)"
+    if not isinstance(value, (str, type(None))):
+        raise TypeError(f"cache must be one of {choices}, got {value!r} ({type(value).__name__})")
+    if value not in CACHE_CHOICES:
+        raise ValueError(f"cache must be one of {choices}, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -58,6 +127,9 @@ class OptimizeConfig:
     #: Compile every batch size into one graph (the inputs' batch dimension marked dynamic), so a new batch size
     #: costs a CUDA-graph recording instead of a recompile. False: one specialized graph per batch size.
     dynamic_batch: bool = True
+    #: Step caching, off by default: None, "deepcache", "first_block", "auto", or a :class:`DeepCache` /
+    #: :class:`FirstBlockCache` with its settings. Needs a pipeline (its scheduler tells where a call starts).
+    cache: CacheSetting = None
     #: The options the user named; a feature the installed versions lack is an error when named here
     #: and a skip with a reason otherwise. Filled in by :meth:`from_options`.
     explicit: FrozenSet[str] = field(default=frozenset(), repr=False, compare=False)
@@ -67,6 +139,7 @@ class OptimizeConfig:
         check_choice("memory_format", self.memory_format, MEMORY_FORMAT_CHOICES)
         check_bool("compile_vae", self.compile_vae)
         check_bool("dynamic_batch", self.dynamic_batch)
+        check_cache(self.cache)
         if isinstance(self.compile, Mapping):
             self._check_compile_options(dict(self.compile))
         elif not isinstance(self.compile, bool):
