@@ -55,7 +55,7 @@ def _recipes(text: str) -> list[str]:
     for spec in specs:
         try:
             resolve(spec)
-        except ValueError as error:
+        except (ValueError, TypeError) as error:  # TypeError: a cache setting of the wrong type
             raise argparse.ArgumentTypeError(str(error)) from None
     return specs
 

@@ -12,6 +12,8 @@ Method, the same as /work/shared/anchors/bench_anchor.py so that numbers compare
 The reference (:func:`probe`) is an eager pipeline with diffusers' defaults, run once per pipeline x batch size:
 it counts the steps the pipeline really runs (img2img runs ``strength`` x steps), counts the FLOPs of one step
 of the denoisers with ``torch.utils.flop_counter`` and keeps the output every recipe's output is compared with.
+With ``decode=True`` (a recipe caches steps) it also keeps the decoded image of one more call, and every cell
+reports the PSNR and SSIM of its end-to-end call's image against it (:mod:`diffopt.bench.quality`).
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ import torch
 
 from diffopt.bench.env import OutOfMemoryError, free_memory, peak_memory_bytes, reset_peak_memory, sync
 from diffopt.bench.pipelines import BenchCase, Stage, build_case
+from diffopt.bench.quality import compare, to_tensor
 from diffopt.bench.recipes import Recipe
 
 
@@ -34,6 +37,7 @@ class StageReference:
     steps: int
     flops_per_step: Optional[float]
     output: Any = field(default=None, repr=False)  # CPU float32 tensor; not written to results.json
+    image: Any = field(default=None, repr=False)  # decoded image, (N, 3, H, W) in [0, 1]; not written either
 
 
 @dataclass
@@ -57,6 +61,8 @@ class StageResult:
     flops_per_step: Optional[float] = None
     mfu: Optional[float] = None
     relative_l2: Optional[float] = None
+    psnr_db: Optional[float] = None  # of the decoded image against the reference's; inf when identical
+    ssim: Optional[float] = None
 
 
 @dataclass
@@ -136,7 +142,7 @@ def _count_flops(module: torch.nn.Module, args, kwargs) -> float:
     return float(counter.get_total_flops())
 
 
-def _probe_stage(stage: Stage, batch_size: int, device: torch.device) -> StageReference:
+def _probe_stage(stage: Stage, batch_size: int, device: torch.device, decode: bool = False) -> StageReference:
     calls: dict[str, int] = {}
     first_inputs: dict[str, tuple] = {}
     denoisers = stage.denoisers()
@@ -162,11 +168,13 @@ def _probe_stage(stage: Stage, batch_size: int, device: torch.device) -> StageRe
     flops = sum(
         _count_flops(module, *first_inputs[name]) for name, module in denoisers.items() if name in first_inputs
     )
-    return StageReference(stage.label, steps, flops or None, _to_cpu(output))
+    image = to_tensor(_timed(stage, _batch(stage, batch_size), "pil", device)[1]) if decode else None
+    return StageReference(stage.label, steps, flops or None, _to_cpu(output), image)
 
 
-def probe(pipeline: str, batch_sizes: list[int], settings: CellSettings) -> list[Reference]:
-    """The eager reference of ``pipeline`` for each batch size; errors are recorded, never raised."""
+def probe(pipeline: str, batch_sizes: list[int], settings: CellSettings, decode: bool = False) -> list[Reference]:
+    """The eager reference of ``pipeline`` for each batch size; errors are recorded, never raised. ``decode``
+    also keeps each stage's decoded image, for the PSNR/SSIM of the cells."""
     free_memory(settings.device)
     references = [Reference(pipeline, batch_size) for batch_size in batch_sizes]
     case = None
@@ -175,7 +183,7 @@ def probe(pipeline: str, batch_sizes: list[int], settings: CellSettings) -> list
         for reference in references:
             try:
                 for stage in case.stages:
-                    reference.stages.append(_probe_stage(stage, reference.batch_size, settings.device))
+                    reference.stages.append(_probe_stage(stage, reference.batch_size, settings.device, decode))
             except Exception as error:  # noqa: BLE001 - an OOM at batch 16 must not lose batch 1
                 reference.error = _describe(error, "reference call")
                 free_memory(settings.device)
@@ -251,9 +259,11 @@ def _measure_stage(stage, batch_size, settings: CellSettings, reference: Optiona
         seconds, output = _timed(stage, batch, stage.timed_output, device)
         times.append(seconds)
     phase.name = "decode call" + suffix
-    end_to_end_s, _ = _timed(stage, batch, "pil", device)
+    end_to_end_s, images = _timed(stage, batch, "pil", device)
     median = statistics.median(times)
     steps = reference.steps if reference else stage.steps
+    reference_image = reference.image if reference else None
+    psnr_db, ssim = compare(to_tensor(images), reference_image) if reference_image is not None else (None, None)
     return StageResult(
         label=stage.label,
         batch_size=batch,
@@ -265,6 +275,8 @@ def _measure_stage(stage, batch_size, settings: CellSettings, reference: Optiona
         end_to_end_s=end_to_end_s,
         flops_per_step=reference.flops_per_step if reference else None,
         relative_l2=relative_l2(_to_cpu(output), reference.output if reference else None),
+        psnr_db=psnr_db,
+        ssim=ssim,
     )
 
 

@@ -79,14 +79,60 @@ def table_rows(run: BenchRun, batch_size: int) -> list[list[str]]:
     return rows
 
 
+def has_quality(run: BenchRun) -> bool:
+    return any(stage.psnr_db is not None for cell in run.cells for stage in cell.stages)
+
+
+def quality_note(run: BenchRun) -> str:
+    """What the quality numbers compare, and how far to trust them."""
+    where = f"the weights in {run.settings.weights}" if run.settings.weights else "random weights"
+    note = (
+        f"Against eager {REFERENCE}, same seed, on {where}: speed-up, then PSNR (dB; inf = identical) and SSIM "
+        "of the decoded image, then the relative L2 of the latents."
+    )
+    if not run.settings.weights:
+        note += (
+            " Quality on random weights is only indicative: a trained model's features change between steps "
+            "differently, so measure step caching on a real checkpoint (--weights) before trusting a setting."
+        )
+    return note
+
+
+def format_quality(cell: Optional[CellResult], speedup: Optional[float]) -> str:
+    """``1.85x, 31.2 dB, 0.951, 2.1e-02`` (per stage, joined by " / ", for IF), or "-"."""
+    if cell is None or not cell.ok or not cell.stages:
+        return "-"
+    stages = [
+        ", ".join([_number(stage.psnr_db, "{:.1f} dB"), _number(stage.ssim, "{:.3f}"), _number(stage.relative_l2, "{:.1e}")])
+        for stage in cell.stages
+    ]
+    return (f"{speedup:.2f}x, " if speedup else "") + " / ".join(stages)
+
+
+def quality_rows(run: BenchRun, batch_size: int) -> list[list[str]]:
+    grid, recipes, ups = _grid(run), _recipes(run), speedups(run)
+    rows = []
+    for pipeline in run.settings.pipelines:
+        cells, factors = grid.get((pipeline, batch_size), {}), ups.get((pipeline, batch_size), {})
+        rows.append([LABELS.get(pipeline, pipeline)] + [format_quality(cells.get(r), factors.get(r)) for r in recipes])
+    return rows
+
+
 def to_markdown(run: BenchRun) -> str:
-    """results.md: the speed tables, then every number of every cell, then the environment."""
+    """results.md: the speed tables, the quality tables (when a recipe caches), every number of every cell, then
+    the environment."""
     recipes = _recipes(run)
     lines = ["# diffopt bench results", ""]
     for batch_size in run.settings.batch_sizes:
         lines += [f"## {_title(run, batch_size)}", ""]
         lines += [_md_row(["Pipeline"] + recipes), _md_row([":-:"] * (1 + len(recipes)))]
         lines += [_md_row(row) for row in table_rows(run, batch_size)] + [""]
+    if has_quality(run):
+        for batch_size in run.settings.batch_sizes:
+            lines += [f"## Quality (batch size: {batch_size}): speed-up, PSNR, SSIM, latent rel. L2", ""]
+            lines += [quality_note(run), ""]
+            lines += [_md_row(["Pipeline"] + recipes), _md_row([":-:"] * (1 + len(recipes)))]
+            lines += [_md_row(row) for row in quality_rows(run, batch_size)] + [""]
     lines += ["## Details", "", _md_row(_DETAIL_HEADER), _md_row(["---"] * len(_DETAIL_HEADER))]
     lines += [_md_row(row) for row in _detail_rows(run)]
     lines += ["", "## Environment", ""]
@@ -102,7 +148,7 @@ def to_markdown(run: BenchRun) -> str:
 
 _DETAIL_HEADER = [
     "pipeline", "batch", "recipe", "stage", "steps", "steps/s", "first call s", "end-to-end s",
-    "peak GiB", "GFLOP/step", "MFU", "rel. L2 vs sdpa", "status",
+    "peak GiB", "GFLOP/step", "MFU", "rel. L2 vs sdpa", "PSNR dB", "SSIM", "status",
 ]  # fmt: skip
 
 
@@ -112,14 +158,15 @@ def _detail_rows(run: BenchRun) -> list[list[str]]:
         status = cell.error or cell.status
         peak = f"{cell.peak_memory_bytes / 2**30:.2f}" if cell.peak_memory_bytes else "-"
         if not cell.stages:
-            rows.append([cell.pipeline, str(cell.batch_size), cell.recipe] + ["-"] * 7 + ["-", "-", status])
+            rows.append([cell.pipeline, str(cell.batch_size), cell.recipe] + ["-"] * (len(_DETAIL_HEADER) - 4) + [status])
         for stage in cell.stages:
             rows.append([
                 cell.pipeline, str(stage.batch_size), cell.recipe, stage.label or "-", str(stage.steps),
                 f"{stage.steps_per_s:.2f}", f"{stage.first_call_s:.2f}", _number(stage.end_to_end_s, "{:.3f}"),
                 peak, _number(stage.flops_per_step and stage.flops_per_step / 1e9, "{:,.1f}"),
                 _number(stage.mfu, "{:.1%}"),
-                _number(stage.relative_l2, "{:.2e}"), status,
+                _number(stage.relative_l2, "{:.2e}"), _number(stage.psnr_db, "{:.2f}"), _number(stage.ssim, "{:.4f}"),
+                status,
             ])  # fmt: skip
     return rows
 
@@ -156,6 +203,16 @@ def print_tables(run: BenchRun, console=None) -> None:
         for row in table_rows(run, batch_size):
             table.add_row(*row)
         console.print(table)
+    if has_quality(run):
+        for batch_size in run.settings.batch_sizes:
+            table = Table(title=f"Quality (batch size: {batch_size}): speed-up, PSNR, SSIM, latent rel. L2")
+            table.add_column("Pipeline")
+            for recipe in _recipes(run):
+                table.add_column(recipe, justify="center")
+            for row in quality_rows(run, batch_size):
+                table.add_row(*row)
+            console.print(table)
+        console.print(quality_note(run))
 
 
 def write_json(run: BenchRun, out_dir: str) -> str:

@@ -15,6 +15,11 @@ optional options, ``name:key=value,key=value``; values are read as Python litera
 
 ``PRESETS`` names a spec, so that a configuration worth tracking gets a short column title; add to it freely.
 
+Step caching (``diffopt:cache=...``) takes the values of ``optimize(cache=...)`` (``deepcache``, ``first_block``,
+``auto``) and, since a spec cannot build a ``diffopt.DeepCache``, its settings as ``cache_interval``,
+``cache_depth`` and ``cache_threshold``: ``diffopt:cache=deepcache,cache_interval=5``. A recipe that caches makes
+the benchmark also decode the reference image, so that its cells report PSNR and SSIM against it.
+
 Example:
     >>> from diffopt.bench.recipes import resolve
     >>> recipe = resolve("diffopt:compile=False")
@@ -76,6 +81,17 @@ RECIPES: dict[str, Callable[..., Optional[str]]] = {
 # Short names for specs; e.g. PRESETS["diffopt-max-autotune"] = "diffopt:mode='max-autotune'".
 PRESETS: dict[str, str] = {
     "diffopt-nocompile": "diffopt:compile=False",
+    # DeepCache's uniform intervals for SD1.5 (N=3 and N=5 in the paper); "auto" also covers transformers.
+    "diffopt-deepcache3": "diffopt:cache='deepcache',cache_interval=3",
+    "diffopt-deepcache5": "diffopt:cache='deepcache',cache_interval=5",
+    "diffopt-cache": "diffopt:cache='auto'",
+}
+
+# Recipe options that are settings of the cache object: option -> (field, diffopt class that has it).
+CACHE_SETTINGS = {
+    "cache_interval": ("interval", "DeepCache"),
+    "cache_depth": ("depth", "DeepCache"),
+    "cache_threshold": ("threshold", "FirstBlockCache"),
 }
 
 REFERENCE = "sdpa"  # eager diffusers default: speed-ups and output differences are measured against it
@@ -95,6 +111,11 @@ class Recipe:
         if self.function is seed:
             return True
         return self.function is diffopt and self.options.get("compile", True) is not False
+
+    @property
+    def caches(self) -> bool:
+        """Whether the recipe turns on step caching (its cells then get PSNR/SSIM against the reference image)."""
+        return self.function is diffopt and self.options.get("cache") is not None
 
     def apply(self, pipe) -> Optional[str]:
         return self.function(pipe, **self.options)
@@ -117,7 +138,39 @@ def resolve(spec: str) -> Recipe:
     options = parse_options(option_text)
     if options and base != "diffopt":
         raise ValueError(f"recipe {base!r} takes no options, got {option_text!r}")
+    if base == "diffopt":
+        options = cache_options(options)
     return Recipe(name, RECIPES[base], options)
+
+
+def cache_options(options: dict[str, Any]) -> dict[str, Any]:
+    """Fold ``cache_interval`` / ``cache_depth`` / ``cache_threshold`` into the ``cache`` object they configure.
+
+    Raises ``ValueError`` / ``TypeError`` naming the bad value, so that ``--recipes`` fails before any work.
+
+    Example:
+        >>> cache_options({"cache": "deepcache", "cache_interval": 5})
+        {'cache': DeepCache(interval=5, depth=1)}
+    """
+    import diffopt.config as config
+
+    if "cache" in options:
+        config.check_cache(options["cache"])
+    settings = {key: options[key] for key in CACHE_SETTINGS if key in options}
+    if not settings:
+        return options
+
+    kinds = {CACHE_SETTINGS[key][1] for key in settings}
+    named = {"deepcache": "DeepCache", "first_block": "FirstBlockCache"}.get(options.get("cache"))
+    if len(kinds) > 1 or (named and kinds != {named}) or options.get("cache") not in (None, "deepcache", "first_block"):
+        raise ValueError(
+            f"recipe options {sorted(settings)} do not fit cache={options.get('cache')!r}: cache_interval and "
+            "cache_depth set cache='deepcache', cache_threshold sets cache='first_block'"
+        )
+    cls = getattr(config, kinds.pop())
+    rest = {key: value for key, value in options.items() if key not in CACHE_SETTINGS}
+    rest["cache"] = cls(**{CACHE_SETTINGS[key][0]: value for key, value in settings.items()})
+    return rest
 
 
 def parse_options(text: str) -> dict[str, Any]:

@@ -95,6 +95,7 @@ class BenchRun:
             data = asdict(reference)
             for stage in data["stages"]:
                 stage.pop("output", None)
+                stage.pop("image", None)
             references.append(data)
         return {
             "settings": asdict(self.settings),
@@ -147,7 +148,8 @@ def run_benchmark(
     progress.start(len(settings.pipelines) * (1 + len(settings.batch_sizes) * len(recipes)))
     for pipeline in settings.pipelines:
         progress.begin(f"{pipeline}: eager reference")
-        references = probe(pipeline, settings.batch_sizes, cell_settings)
+        # Decoding the reference costs one more call per pipeline x batch size: only when a recipe caches steps.
+        references = probe(pipeline, settings.batch_sizes, cell_settings, decode=any(r.caches for r in recipes))
         run.references.extend(references)
         progress.end()
         for reference in references:
