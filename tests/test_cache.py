@@ -11,6 +11,7 @@ import inspect
 import pytest
 import torch
 from conftest import CROSS_DIM, rel_l2, run_pipeline, run_sd, sd_pipeline, tiny_controlnet, tiny_unet, tiny_vae, unet_inputs
+from test_roundtrip import PIPELINES as ROUNDTRIP_PIPELINES
 from test_roundtrip import assert_same, snapshot
 
 import diffopt
@@ -163,15 +164,21 @@ def test_deep_blocks_run_only_on_full_steps():
 # --- images: exactness, fidelity, determinism -------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("controlnet", [False, True])
-def test_interval_one_is_the_uncached_image_and_caching_is_close_but_not_equal(controlnet):
-    pipe = sd_pipeline(controlnet=live_controlnet() if controlnet else None)
+PIPELINES = {**ROUNDTRIP_PIPELINES, "live-controlnet": lambda: sd_pipeline(controlnet=live_controlnet())}
+# How far a cached image may drift on random weights. IF denoises in pixel space, clamped to [-1, 1] at every
+# step, and its random UNet saturates many pixels: a cached step flips some of them, hence the looser bound.
+DRIFT = {"if": 1.0}
+
+
+@pytest.mark.parametrize("kind", PIPELINES)
+def test_interval_one_is_the_uncached_image_and_caching_is_close_but_not_equal(kind):
+    pipe = PIPELINES[kind]()
     uncached = run_pipeline(pipe, steps=STEPS)
     diffopt.optimize(pipe, cache=diffopt.DeepCache(interval=1), **EAGER)
     assert torch.equal(run_pipeline(pipe, steps=STEPS), uncached)
     diffopt.optimize(pipe, cache="deepcache", **EAGER)
     cached = run_pipeline(pipe, steps=STEPS)
-    assert 0 < rel_l2(cached, uncached) < 0.1
+    assert 0 < rel_l2(cached, uncached) < DRIFT.get(kind, 0.1)
     diffopt.restore(pipe, attention="original")
     assert torch.equal(run_pipeline(pipe, steps=STEPS), uncached)
 
@@ -222,6 +229,22 @@ def test_a_scheduler_swapped_after_optimize_takes_over_the_hooks():
     assert not {"step", "set_timesteps"} & set(vars(old))
     diffopt.restore(pipe)
     assert not {"step", "set_timesteps"} & set(vars(pipe.scheduler)) and "progress_bar" not in vars(pipe)
+
+
+def test_a_unet_shared_with_another_pipeline_is_never_left_armed():
+    from diffusers import DDIMScheduler, StableDiffusionImg2ImgPipeline
+
+    pipe = sd_pipeline()
+    other = StableDiffusionImg2ImgPipeline(**{**pipe.components, "scheduler": DDIMScheduler(**pipe.scheduler.config)})
+    other.set_progress_bar_config(disable=True)
+    image = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    uncached = run_sd(other, STEPS, image=image)
+    diffopt.optimize(pipe, cache=diffopt.DeepCache(interval=2), **EAGER)
+    run_sd(pipe, STEPS - 1)  # ends on an odd step count: the clock would arm a cached step for a next call
+    # `other` has no hooks of its own: its calls must run in full, not start from `pipe`'s kept features.
+    assert torch.equal(run_sd(other, STEPS, image=image), uncached)
+    diffopt.restore(pipe)
+    assert "maybe_free_model_hooks" not in vars(pipe)
 
 
 def test_controlnet_residuals_reach_the_cached_steps():

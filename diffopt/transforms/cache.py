@@ -15,9 +15,11 @@
 How a call is recognised (the reset signal). The clock restarts, dropping every stored feature, whenever the
 pipeline calls ``scheduler.set_timesteps`` or ``pipe.progress_bar``: every diffusers pipeline does both at the
 start of ``__call__``, before the first denoiser call, and neither depends on the pipeline's class (which we may
-not patch) nor on timestep values (which would have to be read on the host inside the compiled region). A restart
-in the middle of a call only costs speed: the next step runs in full. ``scheduler.step`` advances the clock, so
-the decision for the next denoiser call is made in eager Python before the call; inside the compiled UNet it is a
+not patch) nor on timestep values (which would have to be read on the host inside the compiled region). It
+restarts again at ``pipe.maybe_free_model_hooks``, which pipelines call when they are done: the kept features
+do not hold memory between calls, and a denoiser shared with another pipeline is never left armed. A restart in
+the middle of a call only costs speed: the next step runs in full. ``scheduler.step`` advances the clock, so the
+decision for the next denoiser call is made in eager Python before the call; inside the compiled UNet it is a
 Python bool that dynamo guards on, which gives exactly two graphs (full step, cached step) and no graph break.
 If ``pipe.scheduler`` is replaced after optimize, the next ``progress_bar`` call moves the hooks to the new one.
 """
@@ -118,14 +120,27 @@ def attach_clock(pipe, clock: StepClock) -> Change:
         clock.start()
         return progress_bar(*args, **kwargs)
 
-    undo_progress_bar = _instance_attr(pipe, "progress_bar", hooked_progress_bar)
+    undo = [_instance_attr(pipe, "progress_bar", hooked_progress_bar)]
+    free_hooks = getattr(pipe, "maybe_free_model_hooks", None)
+    if callable(free_hooks):
 
-    def undo():
-        undo_progress_bar()
+        @functools.wraps(free_hooks)
+        def hooked_free_hooks(*args, **kwargs):
+            clock.start()
+            return free_hooks(*args, **kwargs)
+
+        undo.append(_instance_attr(pipe, "maybe_free_model_hooks", hooked_free_hooks))
+
+    def undo_all():
+        for step in reversed(undo):
+            step()
         hooks.detach()
 
-    detail = "restarts at scheduler.set_timesteps and pipe.progress_bar (start of every call), advances at scheduler.step"
-    return Change(detail, undo)
+    detail = (
+        "restarts at scheduler.set_timesteps and pipe.progress_bar (start of every call) and "
+        "pipe.maybe_free_model_hooks (end), advances at scheduler.step"
+    )
+    return Change(detail, undo_all)
 
 
 # --- DeepCache ------------------------------------------------------------------------------------------------
