@@ -231,6 +231,23 @@ def test_a_scheduler_swapped_after_optimize_takes_over_the_hooks():
     assert not {"step", "set_timesteps"} & set(vars(pipe.scheduler)) and "progress_bar" not in vars(pipe)
 
 
+@pytest.mark.parametrize("scheduler", ["DPMSolverMultistepScheduler", "HeunDiscreteScheduler", "EulerAncestralDiscreteScheduler"])
+def test_multistep_second_order_and_stochastic_schedulers(scheduler):
+    import diffusers
+
+    pipe = sd_pipeline()
+    pipe.scheduler = getattr(diffusers, scheduler).from_config(pipe.scheduler.config)
+    uncached = run_sd(pipe, STEPS)
+    diffopt.optimize(pipe, cache=diffopt.DeepCache(interval=2), **EAGER)
+    unet_calls, handle = calls(pipe.unet.conv_in)
+    mid, handle_mid = calls(pipe.unet.mid_block.resnets[0])
+    cached = run_sd(pipe, STEPS)
+    handle.remove(), handle_mid.remove()
+    assert len(mid) == (len(unet_calls) + 1) // 2  # every other denoiser evaluation (Heun: 2 per step) is full
+    assert 0 < rel_l2(cached, uncached) < 0.1
+    assert torch.equal(run_sd(pipe, STEPS), cached)
+
+
 def test_a_unet_shared_with_another_pipeline_is_never_left_armed():
     from diffusers import DDIMScheduler, StableDiffusionImg2ImgPipeline
 
