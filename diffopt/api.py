@@ -149,7 +149,8 @@ def _plan_cache(target, components: List[Component], config: OptimizeConfig, rep
     if isinstance(setting, FirstBlockCache):
         options = _compile_options(denoiser, config, report, cached=True)
         if options is not None:
-            steps.append(_Step(denoiser, "compile", lambda: cache_transform.apply_block_compile(denoiser.module, options)))
+            steps.append(_Step(denoiser, "compile", lambda: cache_transform.apply_block_compile(
+                denoiser.module, options, _dynamic_batch(config))))  # fmt: skip
         steps.append(_Step(denoiser, "cache",
                            lambda: cache_transform.apply_first_block_cache(denoiser.module, setting.threshold, clock)))  # fmt: skip
         for component in components:
@@ -164,8 +165,10 @@ def _plan_cache(target, components: List[Component], config: OptimizeConfig, rep
             # is correct, since a cached UNet step reads only its shallow residuals.
             report.add(component.name, "cache", SKIPPED, f"{type(component.module).__name__} runs in full every step")
             continue
+        # Compiled modules (compile is applied after this step) need what they keep copied and batch-dynamic.
+        compiled = config.compile is not False
         steps.append(_Step(component, "cache", lambda c=component: cache_transform.apply_deepcache(
-            c.module, setting.interval, setting.depth, clock)))  # fmt: skip
+            c.module, setting.interval, setting.depth, clock, own=compiled, dynamic_batch=compiled and _dynamic_batch(config))))  # fmt: skip
     return steps
 
 

@@ -55,9 +55,9 @@ def flux_pipeline():
     return pipe
 
 
-def run_flux(pipe, steps=STEPS):
+def run_flux(pipe, steps=STEPS, batch=1):
     g = torch.Generator().manual_seed(0)
-    embeds, pooled = torch.randn(1, 7, CROSS_DIM, generator=g), torch.randn(1, 16, generator=g)
+    embeds, pooled = torch.randn(batch, 7, CROSS_DIM, generator=g), torch.randn(batch, 16, generator=g)
     with torch.inference_mode():
         return pipe(
             prompt_embeds=embeds, pooled_prompt_embeds=pooled, num_inference_steps=steps, height=32, width=32,
@@ -118,6 +118,25 @@ def test_cached_unet_step_is_the_shallow_branch_on_the_kept_feature():
     assert torch.equal(cached, oracle)
     assert not torch.equal(cached, uncached)
     assert not any("forward" in vars(m) for m in unet.modules())
+
+
+def test_compiled_modules_keep_copies_of_their_features():
+    # A compiled module's outputs may sit in a CUDA-graph pool that its next replay reuses: what the cache keeps
+    # must be its own copy, made in eager code after the full step.
+    unet = tiny_unet()
+    clock = cache_transform.StepClock(interval=2)
+    change = cache_transform.apply_deepcache(unet, interval=2, depth=1, clock=clock, own=True, dynamic_batch=True)
+    produced, consumed = [], []
+    unet.up_blocks[0].register_forward_hook(lambda m, a, out: produced.append(out))
+    unet.up_blocks[1].register_forward_pre_hook(lambda m, a, k: consumed.append(k["hidden_states"]), with_kwargs=True)
+    with torch.no_grad():
+        unet(**unet_inputs(unet, batch=2))
+        clock.advance()
+        unet(**unet_inputs(unet, batch=2))
+    change.undo()
+    full, cached = consumed
+    assert full is produced[0] and cached is not produced[0]
+    assert cached.data_ptr() != produced[0].data_ptr() and torch.equal(cached, produced[0])
 
 
 def test_cached_controlnet_step_gives_fresh_shallow_and_kept_deep_residuals():
@@ -429,6 +448,8 @@ def test_compile_traces_a_full_and_a_cached_graph_per_module_and_never_recompile
     with torch._dynamo.config.patch(error_on_recompile=True):
         again = run_pipeline(pipe, steps=STEPS)
         run_pipeline(pipe, steps=4)  # another step count: the same two graphs
+        # Another batch size: the same graphs too (dynamic batch), kept features included.
+        run_sd(pipe, 4, batch=2, image=torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(3)))
     assert len(backend.graphs) == 4
     assert torch.equal(warm, eager) and torch.equal(again, warm)
     diffopt.restore(pipe, attention="original")
@@ -457,15 +478,16 @@ def test_first_block_cache_compiles_block_by_block_without_recompiles():
     pipe = flux_pipeline()
     before = {n: set(vars(m)) for n, m in pipe.transformer.named_modules()}
     diffopt.optimize(pipe, cache=diffopt.FirstBlockCache(threshold=FBC_THRESHOLD), **EAGER)
-    eager = run_flux(pipe)
+    eager = run_flux(pipe, batch=2)  # batch 1 would be specialized (dynamo's 0/1 rule); 2 onwards share a graph
     diffopt.restore(pipe, attention="original")
     report = diffopt.optimize(pipe, cache=diffopt.FirstBlockCache(threshold=FBC_THRESHOLD), compile={"backend": "eager"})
     (compile_step,) = [s for s in report.applied if s.transform == "compile"]
     assert "each of 3 blocks" in compile_step.detail
     assert "_compiled_call_impl" not in vars(pipe.transformer)  # the decision between blocks stays eager
-    warm = run_flux(pipe)
+    warm = run_flux(pipe, batch=2)
     with torch._dynamo.config.patch(error_on_recompile=True):
-        assert torch.equal(run_flux(pipe), warm)
+        assert torch.equal(run_flux(pipe, batch=2), warm)
+        run_flux(pipe, batch=3)  # the batch dimension is dynamic, as for whole-model compiles
     assert torch.equal(warm, eager)
     diffopt.restore(pipe, attention="original")
     assert {n: set(vars(m)) for n, m in pipe.transformer.named_modules()} == before

@@ -45,6 +45,7 @@ class StepClock:
         self.step = 0
         self.reuse = False
         self.listeners: List[Callable[[], None]] = []  # run at every restart
+        self.settlers: List[Callable[[], None]] = []  # run at every step, in eager code, before `reuse` is set
 
     def start(self) -> None:
         self.step = 0
@@ -53,6 +54,8 @@ class StepClock:
             listener()
 
     def advance(self) -> None:
+        for settle in list(self.settlers):
+            settle()
         self.step += 1
         self.reuse = bool(self.interval and self.interval > 1 and self.step % self.interval)
 
@@ -155,11 +158,19 @@ class _Slot:
 
 class _Store:
     """What one module kept from its last full step. Written inside the compiled graph (a side effect dynamo
-    replays), read on cached steps only, cleared in eager code when the clock restarts."""
+    replays), read on cached steps only, cleared in eager code when the clock restarts.
 
-    def __init__(self):
+    ``settle`` runs in eager code after each full step (at ``scheduler.step``). With ``own``, it copies the kept
+    tensors: a compiled module's outputs may live in a CUDA-graph pool that the next replay reuses. With
+    ``dynamic_batch``, it marks their batch dimension dynamic, as compile marks the inputs', so that the cached
+    step's graph too serves every batch size instead of recompiling for the next one.
+    """
+
+    def __init__(self, own: bool = False, dynamic_batch: bool = False):
         self.slots: List[_Slot] = []
         self.complete = False
+        self.fresh = False  # set inside the full step's graph, cleared by settle
+        self.own, self.dynamic_batch = own, dynamic_batch
 
     def slot(self) -> _Slot:
         self.slots.append(_Slot())
@@ -168,7 +179,30 @@ class _Store:
     def clear(self) -> None:
         for slot in self.slots:
             slot.value = None
-        self.complete = False
+        self.complete = self.fresh = False
+
+    def settle(self) -> None:
+        if not self.fresh:
+            return
+        self.fresh = False
+        if self.own or self.dynamic_batch:
+            for slot in self.slots:
+                slot.value = _map_tensors(slot.value, self._settle)
+
+    def _settle(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.own:
+            tensor = tensor.clone()  # keeps the memory format
+        if self.dynamic_batch and tensor.dim() > 0:
+            torch._dynamo.maybe_mark_dynamic(tensor, 0)
+        return tensor
+
+
+def _map_tensors(value, fn):
+    if isinstance(value, torch.Tensor):
+        return fn(value)
+    if isinstance(value, (tuple, list)):
+        return type(value)(_map_tensors(item, fn) for item in value)
+    return value
 
 
 def is_deepcache_model(module: torch.nn.Module) -> bool:
@@ -183,7 +217,9 @@ def max_depth(module: torch.nn.Module) -> int:
     return len(module.down_blocks) - 1
 
 
-def apply_deepcache(module: torch.nn.Module, interval: int, depth: int, clock: StepClock) -> Optional[Change]:
+def apply_deepcache(
+    module: torch.nn.Module, interval: int, depth: int, clock: StepClock, own: bool = False, dynamic_batch: bool = False
+) -> Optional[Change]:
     """Make ``module`` (a UNet2DConditionModel, or a ControlNetModel) skip its deep blocks when ``clock.reuse``.
 
     A ControlNet on a cached step runs only its first ``depth`` down blocks: the residuals it hands to the
@@ -191,11 +227,12 @@ def apply_deepcache(module: torch.nn.Module, interval: int, depth: int, clock: S
     blocks are skipped), come from the last full step's deep blocks. ControlNet and UNet read the same clock, so
     they are cached on the same steps.
 
-    Returns the Change whose undo removes every wrapper (the blocks' ``forward`` attributes).
+    ``own`` and ``dynamic_batch`` are for compiled modules (see :class:`_Store`). Returns the Change whose undo
+    removes every wrapper (the blocks' ``forward`` attributes).
     """
     if not 1 <= depth <= max_depth(module):
         raise ValueError(f"DeepCache depth must be between 1 and {max_depth(module)} for this model, got {depth}")
-    store = _Store()
+    store = _Store(own, dynamic_batch)
     keep = interval > 1  # interval 1 never reads the store: keep nothing, trace nothing extra
     undo: List[Callable[[], None]] = []
 
@@ -225,6 +262,7 @@ def apply_deepcache(module: torch.nn.Module, interval: int, depth: int, clock: S
 
         def keep_down(output, slot=slot, completes=up_blocks is None and index == last):
             slot.value = output
+            store.fresh = True
             if completes:
                 store.complete = True
 
@@ -237,16 +275,19 @@ def apply_deepcache(module: torch.nn.Module, interval: int, depth: int, clock: S
 
         def keep_feature(output):
             kept.value = output
-            store.complete = True
+            store.complete = store.fresh = True
 
         for index in range(feature + 1):
             cached(up_blocks[index], lambda a, k: kept.value, keep_feature if index == feature else lambda output: None)
 
     clock.listeners.append(store.clear)
+    clock.settlers.append(store.settle)
 
     def undo_all():
         if store.clear in clock.listeners:
             clock.listeners.remove(store.clear)
+        if store.settle in clock.settlers:
+            clock.settlers.remove(store.settle)
         store.clear()
         for step in reversed(undo):
             step()
@@ -276,29 +317,42 @@ def transformer_blocks(model: torch.nn.Module) -> List[torch.nn.Module]:
     ]
 
 
-def apply_block_compile(model: torch.nn.Module, options: Dict[str, Any]) -> Optional[Change]:
+def apply_block_compile(model: torch.nn.Module, options: Dict[str, Any], dynamic_batch: bool = False) -> Optional[Change]:
     """``torch.compile`` each transformer block's ``forward`` on its instance, so that hooks installed afterwards
     (the first-block cache) run in eager code around the compiled blocks.
 
     The first-block cache decides on the host whether to run the remaining blocks (``.item()`` of a residual
     difference); inside one compiled model that decision would be a graph break. Compiled per block, every
-    compiled region is one whole block (fullgraph holds) and the decision sits between regions. Blocks of one
-    class share their compiled code.
+    compiled region is one whole block (fullgraph holds) and the decision sits between regions. The class's
+    ``forward`` is compiled once and takes the block as an argument, so blocks of one class share one graph
+    instead of counting against dynamo's recompile limit one by one (Flux has 38 single blocks).
     """
-    from .compile import describe
+    from .compile import describe, mark_batch_dynamic
 
     blocks = transformer_blocks(model)
     if not blocks:
         return None
-    undo = [_instance_attr(block, "forward", torch.compile(block.forward, **options)) for block in blocks]
+    compiled: Dict[type, Callable] = {}
+    undo = []
+    for block in blocks:
+        cls = type(block)
+        function = compiled.setdefault(cls, torch.compile(cls.forward, **options))
+
+        @functools.wraps(cls.forward)
+        def forward(*args, _block=block, _function=function, **kwargs):
+            if dynamic_batch:  # as compile does for whole models: one graph for every batch size
+                mark_batch_dynamic(args, kwargs)
+            return _function(_block, *args, **kwargs)
+
+        undo.append(_instance_attr(block, "forward", forward))
 
     def undo_all():
         for step in reversed(undo):
             step()
 
-    kinds = sorted({type(block).__name__ for block in blocks})
-    detail = f"{describe(options)} on each of {len(blocks)} blocks ({', '.join(kinds)}), for the first-block cache"
-    return Change(detail, undo_all)
+    kinds = ", ".join(sorted(cls.__name__ for cls in compiled))
+    detail = f"{describe(options)} on each of {len(blocks)} blocks ({kinds}), for the first-block cache"
+    return Change(detail + (", dynamic batch" if dynamic_batch else ""), undo_all)
 
 
 def apply_first_block_cache(model: torch.nn.Module, threshold: float, clock: StepClock) -> Change:
