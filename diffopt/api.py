@@ -217,10 +217,13 @@ def _plan(target, config: OptimizeConfig, report: Report) -> List[_Step]:
         report.add(type(target).__name__, "-", SKIPPED, "no unet, transformer or controlnet found")
     steps: List[_Step] = []
     # Fixed order: processors first (compile must trace the final ones), memory format before compile
-    # (compiled graphs specialize on weight strides), then the step cache, compile last. The cache goes before
-    # compile so that compile traces the cached forward: the block wrappers and the clock flag they read become
-    # guards of two graphs (full step, cached step) instead of being hidden behind a compiled call, and the undo
-    # list drops the compiled call before it removes the wrappers it traced.
+    # (compiled graphs specialize on weight strides), then the step cache, compile last. Compile must trace the
+    # cached forward, so that the block wrappers and the clock flag they read become the guards of two graphs
+    # (full step, cached step). In-place compile traces at the first call, when the wrappers are there in either
+    # order; the order still matters for the rest: the compile planner must know which components are cached
+    # (CUDA graphs, dynamic kept features), the first-block cache must wrap blocks that are compiled already
+    # (its hooks capture block.forward; _plan_cache plans both), and the undo list must drop a compiled call
+    # before it removes the wrappers that call traced.
     for planner in (_plan_attention, _plan_memory_format):
         for component in components:
             steps += planner(component, config, report)
