@@ -50,7 +50,7 @@ def test_one_graph_serves_every_batch_size():
     with torch.no_grad():
         for batch in (2, 4, 3):
             eager[batch] = unet(**unet_inputs(unet, batch)).sample
-    diffopt.optimize(unet)
+    assert "dynamic batch" in str(diffopt.optimize(unet, dynamic_batch=True))
     with torch.no_grad():
         assert rel_l2(unet(**unet_inputs(unet, 2)).sample, eager[2]) < 1e-4
         with torch._dynamo.config.patch(error_on_recompile=True):
@@ -59,9 +59,9 @@ def test_one_graph_serves_every_batch_size():
     diffopt.restore(unet)
 
 
-def test_dynamic_batch_false_specializes_on_the_batch_size():
+def test_by_default_a_new_batch_size_recompiles():
     unet = tiny_unet()
-    diffopt.optimize(unet, compile={"backend": "aot_eager"}, dynamic_batch=False)
+    diffopt.optimize(unet, compile={"backend": "aot_eager"})
     with torch.no_grad():
         unet(**unet_inputs(unet, 2))
         with torch._dynamo.config.patch(error_on_recompile=True), pytest.raises(Exception, match="[Rr]ecompil"):
