@@ -6,10 +6,12 @@ from dataclasses import dataclass, field
 from typing import Callable, List, Optional, Tuple
 
 from . import capabilities
-from .components import CONTROLNET, Component, check_target, conv_share, find_components, module_device
+from .components import CONTROLNET, Component, check_target, conv_share, find_components, module_device, module_dtype
 from .config import RESTORE_ATTENTION_CHOICES, OptimizeConfig, check_choice
 from .report import APPLIED, SKIPPED, UNCHANGED, Report
+from .transforms import Change
 from .transforms import attention as attention_transform
+from .transforms import attention_backend
 from .transforms.attention import apply_attention
 from .transforms.compile import apply_compile, default_options, is_compiled
 from .transforms.memory_format import apply_memory_format
@@ -38,8 +40,10 @@ class _State:
 
 def _plan_attention(component: Component, config: OptimizeConfig, report: Report) -> List[_Step]:
     family = config.attention
-    if family in ("auto", None):
+    if family is None:
         return []
+    if family not in attention_transform.FAMILIES or attention_backend.dispatcher_layers(component.module):
+        return _plan_attention_backend(component, config, report)
     gate = {"sdpa": capabilities.sdpa, "xformers": capabilities.xformers}.get(family)
     if gate is not None:
         reason = capabilities.require_or_skip(gate(), config.asks_for("attention"), f"attention={family!r}")
@@ -55,6 +59,53 @@ def _plan_attention(component: Component, config: OptimizeConfig, report: Report
         report.add(component.name, "attention", SKIPPED, reason)
         return []
     return [_Step(component, "attention", lambda: apply_attention(component.module, family))]
+
+
+def _plan_attention_backend(component: Component, config: OptimizeConfig, report: Report) -> List[_Step]:
+    """A kernel ("flash", "math", ...), flex, sage or "auto"; or any choice on a model with dispatcher layers."""
+    module, name, explicit = component.module, config.attention, config.asks_for("attention")
+    device, dtype = module_device(module), module_dtype(module)
+    prefix = ""
+    if name == "auto":
+        name, card = capabilities.auto_attention(device, dtype)
+        prefix, explicit = f"auto -> {name} ({card}): ", False
+    option = f"attention={config.attention!r}"
+    gates = [capabilities.attention_backend(name, device, dtype)]
+    direct = attention_backend.direct_layers(module)
+    if direct and name in attention_backend.DISPATCHER_ONLY:
+        classes = sorted({type(m.processor).__name__ for _, m in direct})
+        gates.append(capabilities.Gate(
+            f"{name} attention on {component.name}", False, "attention layers on diffusers' attention dispatcher",
+            f"{len(direct)} layers whose {', '.join(classes)} call F.scaled_dot_product_attention themselves",
+        ))
+    # "sdpa" left at its default keeps a backend the user chose on the dispatcher (set_attention_backend, or the
+    # DIFFUSERS_ATTN_BACKEND variable); named, it means diffusers' "native".
+    dispatcher = name in attention_backend.DISPATCHER and (name != "sdpa" or explicit)
+    if dispatcher and attention_backend.dispatcher_layers(module):
+        gates.append(capabilities.dispatcher_backend(attention_backend.DISPATCHER[name]))
+    for gate in gates:
+        reason = capabilities.require_or_skip(gate, explicit, option)
+        if reason:
+            report.add(component.name, "attention", SKIPPED, prefix + reason)
+            return []
+    family = attention_backend.FAMILY.get(name, "sdpa")
+    missing = attention_transform.missing_classes(family) if direct and name not in attention_backend.DISPATCHER_ONLY else []
+    if missing:
+        reason = f"{option}: diffusers {capabilities.installed_version('diffusers')} lacks {', '.join(missing)}"
+        if explicit:
+            raise capabilities.UnsupportedFeatureError(reason)
+        report.add(component.name, "attention", SKIPPED, prefix + reason)
+        return []
+    prefer = config.attention == "auto" and name in attention_backend.KERNELS
+
+    def apply():
+        change = attention_backend.apply_attention_backend(module, name, prefer=prefer, dispatcher=dispatcher)
+        if not prefix:
+            return change
+        # "auto" always says what it picked, even where that was in place already.
+        return Change(prefix + (change.detail if change else "already in place"), change.undo if change else lambda: None)
+
+    return [_Step(component, "attention", apply)]
 
 
 def _plan_memory_format(component: Component, config: OptimizeConfig, report: Report) -> List[_Step]:
@@ -93,6 +144,7 @@ def _plan_compile(component: Component, config: OptimizeConfig, report: Report) 
         # ("accessing tensor output of CUDAGraphs that has been overwritten"). Without graphs it is correct.
         options.pop("mode")
         report.add(component.name, "compile", SKIPPED, "CUDA graphs off: its outputs feed the UNet's CUDA graph")
+    options = attention_backend.compile_options(config.attention, options)
     return [_Step(component, "compile", lambda: apply_compile(component.module, options))]
 
 
