@@ -81,8 +81,13 @@ def _plan_attention_backend(component: Component, config: OptimizeConfig, report
     # "sdpa" left at its default keeps a backend the user chose on the dispatcher (set_attention_backend, or the
     # DIFFUSERS_ATTN_BACKEND variable); named, it means diffusers' "native".
     dispatcher = name in attention_backend.DISPATCHER and (name != "sdpa" or explicit)
-    if dispatcher and attention_backend.dispatcher_layers(module):
-        gates.append(capabilities.dispatcher_backend(attention_backend.DISPATCHER[name]))
+    # "auto" only prefers a kernel: dispatcher layers go to "native" and run under the same preference.
+    prefer = config.attention == "auto" and name in attention_backend.KERNELS
+    routed = attention_backend.dispatcher_layers(module)
+    if dispatcher and routed:
+        parallel = any(getattr(m.processor, "_parallel_config", None) is not None for _, m in routed)
+        target = "native" if prefer else attention_backend.DISPATCHER[name]
+        gates.append(capabilities.dispatcher_backend(target, context_parallel=parallel))
     for gate in gates:
         reason = capabilities.require_or_skip(gate, explicit, option)
         if reason:
@@ -96,7 +101,6 @@ def _plan_attention_backend(component: Component, config: OptimizeConfig, report
             raise capabilities.UnsupportedFeatureError(reason)
         report.add(component.name, "attention", SKIPPED, prefix + reason)
         return []
-    prefer = config.attention == "auto" and name in attention_backend.KERNELS
 
     def apply():
         change = attention_backend.apply_attention_backend(module, name, prefer=prefer, dispatcher=dispatcher)

@@ -149,18 +149,27 @@ def attention_backend(name: str, device, dtype) -> Gate:
     return Gate(f"{name} attention", True)  # "default": the classic processors need nothing
 
 
-def dispatcher_backend(name: str) -> Gate:
+def dispatcher_backend(name: str, context_parallel: bool = False) -> Gate:
     """diffusers' own requirement check for one of its attention-dispatcher backends (package versions it
-    knows better than we do, e.g. the minimum sageattention release)."""
+    knows better than we do, e.g. the minimum sageattention release); with ``context_parallel`` (the model has a
+    parallel config), also whether the backend supports context parallelism, which set_attention_backend demands."""
+    feature = f"diffusers attention backend {name!r}"
     try:
-        from diffusers.models.attention_dispatch import AttentionBackendName, _check_attention_backend_requirements
+        from diffusers.models.attention_dispatch import (
+            AttentionBackendName,
+            _AttentionBackendRegistry,
+            _check_attention_backend_requirements,
+        )
     except ImportError:  # a diffusers without the dispatcher has no model that uses it either
-        return Gate(f"diffusers attention backend {name!r}", True)
+        return Gate(feature, True)
     try:
         _check_attention_backend_requirements(AttentionBackendName(name))
     except (RuntimeError, ValueError) as error:
-        return Gate(f"diffusers attention backend {name!r}", False, "what diffusers asks for", str(error))
-    return Gate(f"diffusers attention backend {name!r}", True)
+        return Gate(feature, False, "what diffusers asks for", str(error))
+    if context_parallel and not _AttentionBackendRegistry._is_context_parallel_available(AttentionBackendName(name)):
+        supported = ", ".join(sorted(_AttentionBackendRegistry._supports_context_parallel))
+        return Gate(f"{feature} with context parallelism", False, f"one of {supported}", name)
+    return Gate(feature, True)
 
 
 def sdpa_kernel_priority() -> Gate:

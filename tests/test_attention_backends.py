@@ -397,6 +397,20 @@ def test_missing_backend_is_an_error_naming_what_is_missing(kind, attention, wor
     assert "_diffopt_state" not in vars(target)
 
 
+def test_context_parallel_model_needs_a_backend_that_supports_it():
+    # What enable_parallelism leaves on the processors; set_attention_backend would refuse "_native_math" half-way.
+    model = flux()
+    for _, attn in dispatcher_layers(model):
+        attn.processor._parallel_config = object()
+    before = model_state(model)
+    with pytest.raises(diffopt.UnsupportedFeatureError, match="context parallelism"):
+        diffopt.optimize(model, attention="math", compile=False)
+    assert_model_state(before, model_state(model))
+    report = diffopt.optimize(model, attention="flash", compile=False)  # _native_flash supports it
+    assert [s for s in report.applied if s.transform == "attention"]
+    diffopt.restore(model)
+
+
 def test_flex_missing_from_torch(monkeypatch):
     real = capabilities.importlib.util.find_spec
     monkeypatch.setattr(
