@@ -6,12 +6,14 @@ from dataclasses import dataclass, field
 from typing import Callable, List, Optional, Tuple
 
 from . import capabilities
-from .components import CONTROLNET, Component, check_target, conv_share, find_components, module_device
+from .components import CONTROLNET, Component, check_target, conv_share, find_components, module_device, module_dtype
 from .config import RESTORE_ATTENTION_CHOICES, OptimizeConfig, check_choice
 from .report import APPLIED, SKIPPED, UNCHANGED, Report
+from .transforms import Change
 from .transforms import attention as attention_transform
+from .transforms import attention_backend
 from .transforms.attention import apply_attention
-from .transforms.compile import CUDA_GRAPH_MODES, apply_compile, default_options, is_compiled
+from .transforms.compile import apply_compile, default_options, is_compiled, uses_cuda_graphs
 from .transforms.memory_format import apply_memory_format
 
 logger = logging.getLogger(__name__)
@@ -38,8 +40,10 @@ class _State:
 
 def _plan_attention(component: Component, config: OptimizeConfig, report: Report) -> List[_Step]:
     family = config.attention
-    if family in ("auto", None):
+    if family is None:
         return []
+    if family not in attention_transform.FAMILIES or attention_backend.dispatcher_layers(component.module):
+        return _plan_attention_backend(component, config, report)
     gate = {"sdpa": capabilities.sdpa, "xformers": capabilities.xformers}.get(family)
     if gate is not None:
         reason = capabilities.require_or_skip(gate(), config.asks_for("attention"), f"attention={family!r}")
@@ -55,6 +59,57 @@ def _plan_attention(component: Component, config: OptimizeConfig, report: Report
         report.add(component.name, "attention", SKIPPED, reason)
         return []
     return [_Step(component, "attention", lambda: apply_attention(component.module, family))]
+
+
+def _plan_attention_backend(component: Component, config: OptimizeConfig, report: Report) -> List[_Step]:
+    """A kernel ("flash", "math", ...), flex, sage or "auto"; or any choice on a model with dispatcher layers."""
+    module, name, explicit = component.module, config.attention, config.asks_for("attention")
+    device, dtype = module_device(module), module_dtype(module)
+    prefix = ""
+    if name == "auto":
+        name, card = capabilities.auto_attention(device, dtype)
+        prefix, explicit = f"auto -> {name} ({card}): ", False
+    option = f"attention={config.attention!r}"
+    gates = [capabilities.attention_backend(name, device, dtype)]
+    direct = attention_backend.direct_layers(module)
+    if direct and name in attention_backend.DISPATCHER_ONLY:
+        classes = sorted({type(m.processor).__name__ for _, m in direct})
+        gates.append(capabilities.Gate(
+            f"{name} attention on {component.name}", False, "attention layers on diffusers' attention dispatcher",
+            f"{len(direct)} layers whose {', '.join(classes)} call F.scaled_dot_product_attention themselves",
+        ))
+    # "sdpa" left at its default keeps a backend the user chose on the dispatcher (set_attention_backend, or the
+    # DIFFUSERS_ATTN_BACKEND variable); named, it means diffusers' "native".
+    dispatcher = name in attention_backend.DISPATCHER and (name != "sdpa" or explicit)
+    # "auto" only prefers a kernel: dispatcher layers go to "native" and run under the same preference.
+    prefer = config.attention == "auto" and name in attention_backend.KERNELS
+    routed = attention_backend.dispatcher_layers(module)
+    if dispatcher and routed:
+        parallel = any(getattr(m.processor, "_parallel_config", None) is not None for _, m in routed)
+        target = "native" if prefer else attention_backend.DISPATCHER[name]
+        gates.append(capabilities.dispatcher_backend(target, context_parallel=parallel))
+    for gate in gates:
+        reason = capabilities.require_or_skip(gate, explicit, option)
+        if reason:
+            report.add(component.name, "attention", SKIPPED, prefix + reason)
+            return []
+    family = attention_backend.FAMILY.get(name, "sdpa")
+    missing = attention_transform.missing_classes(family) if direct and name not in attention_backend.DISPATCHER_ONLY else []
+    if missing:
+        reason = f"{option}: diffusers {capabilities.installed_version('diffusers')} lacks {', '.join(missing)}"
+        if explicit:
+            raise capabilities.UnsupportedFeatureError(reason)
+        report.add(component.name, "attention", SKIPPED, prefix + reason)
+        return []
+
+    def apply():
+        change = attention_backend.apply_attention_backend(module, name, prefer=prefer, dispatcher=dispatcher)
+        if not prefix:
+            return change
+        # "auto" always says what it picked, even where that was in place already.
+        return Change(prefix + (change.detail if change else "already in place"), change.undo if change else lambda: None)
+
+    return [_Step(component, "attention", apply)]
 
 
 def _plan_memory_format(component: Component, config: OptimizeConfig, report: Report) -> List[_Step]:
@@ -92,7 +147,8 @@ def _plan_compile(component: Component, config: OptimizeConfig, report: Report) 
     # the UNet's CUDA graph reads residuals that the ControlNet's next replay has overwritten (seen on an H200).
     # So the first ControlNet of each step marks the step itself; later nets of a MultiControlNet must not,
     # or they would free the residuals of the nets before them.
-    new_step = component.role == CONTROLNET and options.get("mode") in CUDA_GRAPH_MODES and _first_net(component)
+    options = attention_backend.compile_options(config.attention, options)
+    new_step = component.role == CONTROLNET and uses_cuda_graphs(options) and _first_net(component)
     # A batch dimension marked dynamic before the first trace gives one graph for every batch size: a new batch
     # size re-records CUDA graphs (1.6 s measured on an H200) instead of recompiling (80 s). dynamic=False wins.
     dynamic_batch = config.dynamic_batch and options.get("dynamic", None) is not False

@@ -60,6 +60,165 @@ def compile() -> Gate:  # noqa: A001 - mirrors the option name
     return _version_gate("torch.compile (in place, nn.Module.compile)", "torch", "2.2")
 
 
+# ---- attention backends -------------------------------------------------------------------------------------------
+# Each gate takes the component's device and dtype: the fused kernels exist only for some cards and dtypes, and
+# the answer must come from the module optimize is about to change, read when optimize runs.
+
+HALF = ("float16", "bfloat16")
+
+
+def _sdpa_kernel_api() -> bool:
+    # torch.nn.attention.sdpa_kernel (torch 2.3) is the context manager that dynamo traces; the older
+    # torch.backends.cuda.sdp_kernel is deprecated and CUDA-only.
+    try:
+        from torch.nn.attention import sdpa_kernel  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def cuda_capability(device) -> tuple:
+    import torch
+
+    return tuple(torch.cuda.get_device_capability(device))
+
+
+def _dtype_name(dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def _card(device, dtype) -> str:
+    """How a gate names the card it looked at: "cuda sm90 bfloat16", "cpu float32"."""
+    if device.type == "cuda":
+        major, minor = cuda_capability(device)
+        return f"cuda sm{major}{minor} {_dtype_name(dtype)}"
+    return f"{device.type} {_dtype_name(dtype)}"
+
+
+def _kernel_gate(name: str, device, dtype) -> Gate:
+    """One of torch's SDPA kernels, forced with torch.nn.attention.sdpa_kernel."""
+    import torch
+
+    feature = f"{name} attention"
+    if not _sdpa_kernel_api():
+        return Gate(feature, False, "torch.nn.attention.sdpa_kernel (torch >= 2.3)", f"torch {installed_version('torch')}")
+    found = _card(device, dtype)
+    if name == "math":
+        return Gate(feature, True)  # the reference implementation runs on every device and dtype
+    if name == "flash" and device.type == "cpu":
+        # torch's CPU flash kernel (aten::_scaled_dot_product_flash_attention_for_cpu) takes any float dtype.
+        ok = hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
+        return Gate(feature, ok, "torch's CPU flash kernel", found if ok else f"torch {installed_version('torch')}")
+    if device.type != "cuda":
+        where = "a CUDA device or the CPU" if name == "flash" else "a CUDA device"
+        return Gate(feature, False, where, found)
+    if name == "efficient":
+        return Gate(feature, True)  # memory-efficient attention: every CUDA card torch supports, fp32 included
+    if name == "cudnn" and not (hasattr(torch.nn.attention.SDPBackend, "CUDNN_ATTENTION") and torch.backends.cudnn.is_available()):
+        return Gate(feature, False, "a torch built with cuDNN's SDPA backend", f"torch {installed_version('torch')}")
+    # FlashAttention-2 in torch and cuDNN's fused attention: Ampere (sm80) or newer, fp16/bf16 only.
+    ok = cuda_capability(device) >= (8, 0) and _dtype_name(dtype) in HALF
+    return Gate(feature, ok, "CUDA compute capability >= 8.0 and float16/bfloat16 weights", found)
+
+
+def flex() -> Gate:
+    found = importlib.util.find_spec("torch.nn.attention.flex_attention") is not None
+    return Gate("flex attention", found, "torch.nn.attention.flex_attention (torch >= 2.5)", f"torch {installed_version('torch')}")
+
+
+def sage(device, dtype) -> Gate:
+    if importlib.util.find_spec("sageattention") is None:
+        return Gate("sage attention", False, "the sageattention package", "not installed")
+    # SageAttention's kernels are CUDA (and Triton) kernels for fp16/bf16 inputs.
+    ok = device.type == "cuda" and _dtype_name(dtype) in HALF
+    return Gate("sage attention", ok, "a CUDA device and float16/bfloat16 weights", _card(device, dtype))
+
+
+def attention_backend(name: str, device, dtype) -> Gate:
+    """Can attention backend ``name`` (a value of ``attention=``) run for a module on ``device`` in ``dtype``?"""
+    if name in ("flash", "cudnn", "efficient", "math"):
+        return _kernel_gate(name, device, dtype)
+    if name == "flex":
+        return flex()
+    if name == "sage":
+        return sage(device, dtype)
+    if name == "xformers":
+        return xformers()
+    if name == "sdpa":
+        return sdpa()
+    return Gate(f"{name} attention", True)  # "default": the classic processors need nothing
+
+
+def dispatcher_backend(name: str, context_parallel: bool = False) -> Gate:
+    """diffusers' own requirement check for one of its attention-dispatcher backends (package versions it
+    knows better than we do, e.g. the minimum sageattention release); with ``context_parallel`` (the model has a
+    parallel config), also whether the backend supports context parallelism, which set_attention_backend demands."""
+    feature = f"diffusers attention backend {name!r}"
+    try:
+        from diffusers.models.attention_dispatch import (
+            AttentionBackendName,
+            _AttentionBackendRegistry,
+            _check_attention_backend_requirements,
+        )
+    except ImportError:  # a diffusers without the dispatcher has no model that uses it either
+        return Gate(feature, True)
+    try:
+        _check_attention_backend_requirements(AttentionBackendName(name))
+    except (RuntimeError, ValueError) as error:
+        return Gate(feature, False, "what diffusers asks for", str(error))
+    if context_parallel and not _AttentionBackendRegistry._is_context_parallel_available(AttentionBackendName(name)):
+        supported = ", ".join(sorted(_AttentionBackendRegistry._supports_context_parallel))
+        return Gate(f"{feature} with context parallelism", False, f"one of {supported}", name)
+    return Gate(feature, True)
+
+
+def sdpa_kernel_priority() -> Gate:
+    # sdpa_kernel(..., set_priority=True) (torch 2.6): prefer a kernel, fall back to the others where it cannot run.
+    import inspect
+
+    ok = _sdpa_kernel_api() and "set_priority" in inspect.signature(__import__("torch").nn.attention.sdpa_kernel).parameters
+    return Gate("SDPA kernel priority", ok, "sdpa_kernel(set_priority=...) (torch >= 2.6)", f"torch {installed_version('torch')}")
+
+
+#: What ``attention="auto"`` picks, by card class (see :func:`card_class`); a class not listed gets "sdpa".
+#: The first entry whose gate is open wins, so a torch built without a kernel falls through to the next.
+#: Initial table from what is known (torch's FlashAttention-2 beats the other SDPA kernels on Ampere and newer
+#: in fp16/bf16); the lead confirms or changes it by measurement on the GPU host (docs/benchmarks.md).
+#: "auto" only ever picks torch's own SDPA kernels, and only as a preference: where the kernel cannot run
+#: (an attention mask flash cannot take, ...) torch falls back instead of failing.
+AUTO_ATTENTION = {
+    "cuda-sm80+-half": ("flash", "sdpa"),
+    "cuda": ("sdpa",),
+    "cpu": ("sdpa",),
+}
+
+
+def card_class(device, dtype) -> str:
+    """The key of :data:`AUTO_ATTENTION` for a module on ``device`` in ``dtype``."""
+    if device.type == "cuda":
+        if cuda_capability(device) >= (8, 0) and _dtype_name(dtype) in HALF:
+            return "cuda-sm80+-half"
+        return "cuda"
+    return device.type
+
+
+def auto_attention(device, dtype) -> tuple:
+    """``(backend, why)``: what ``attention="auto"`` picks for a module on ``device`` in ``dtype``.
+
+    Example::
+
+        >>> auto_attention(torch.device("cpu"), torch.float32)
+        ('sdpa', 'cpu float32')
+    """
+    for name in AUTO_ATTENTION.get(card_class(device, dtype), ("sdpa",)):
+        if name == "sdpa":
+            break
+        if attention_backend(name, device, dtype).ok and sdpa_kernel_priority().ok:
+            return name, _card(device, dtype)
+    # Without SDPA (torch < 2.0, diffusers < 0.14) the classic processors are all there is.
+    return ("sdpa" if sdpa().ok else "default"), _card(device, dtype)
+
+
 class UnsupportedFeatureError(RuntimeError):
     """A feature the user asked for by name cannot run with the installed versions or hardware."""
 

@@ -75,6 +75,14 @@ def module_device(module: torch.nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+def module_dtype(module: torch.nn.Module) -> torch.dtype:
+    """The dtype of the first floating-point parameter: what the fused attention kernels are gated on."""
+    for tensor in module.parameters():
+        if tensor.is_floating_point():
+            return tensor.dtype
+    return torch.get_default_dtype()
+
+
 def conv_share(module: torch.nn.Module) -> float:
     """Share of the parameters that sit in 2-D convolutions: what channels_last can speed up."""
     total = sum(p.numel() for p in module.parameters())

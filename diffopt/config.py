@@ -9,8 +9,10 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, FrozenSet, Mapping, Optional, Union
 
-# "auto" and None both mean: leave the attention processors as they are.
-ATTENTION_CHOICES = ("sdpa", "default", "xformers", "auto", None)
+# Processor families ("sdpa": let torch pick the kernel, "default": the classic processors, "xformers"), torch's
+# SDPA kernels forced by name, backends of diffusers' attention dispatcher, "auto" (the fastest the card has, see
+# capabilities.AUTO_ATTENTION), and None: leave attention as it is.
+ATTENTION_CHOICES = ("sdpa", "default", "flash", "cudnn", "efficient", "math", "flex", "sage", "xformers", "auto", None)
 # None and "preserve" both mean: leave the memory format as it is.
 MEMORY_FORMAT_CHOICES = ("channels_last", "contiguous", "preserve", None)
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs", None)
@@ -44,8 +46,8 @@ class OptimizeConfig:
         diffopt.optimize(pipe, config)
     """
 
-    #: Attention processors, mapped per attention kind: "sdpa", "default" (classic AttnProcessor /
-    #: AttnAddedKVProcessor), "xformers", or "auto"/None to leave them as they are.
+    #: Attention: "sdpa", "default" (classic AttnProcessor / AttnAddedKVProcessor), a kernel ("flash", "cudnn",
+    #: "efficient", "math", "flex", "sage", "xformers"), "auto" (the fastest the card has), or None to leave it.
     attention: Optional[str] = "sdpa"
     #: True, False, or a dict of torch.compile options (mode, fullgraph, dynamic, backend, options)
     #: laid over diffopt's per-device defaults.
