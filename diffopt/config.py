@@ -16,6 +16,8 @@ MEMORY_FORMAT_CHOICES = ("channels_last", "contiguous", "preserve", None)
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs", None)
 COMPILE_KEYS = ("mode", "fullgraph", "dynamic", "backend", "options")
 RESTORE_ATTENTION_CHOICES = ("default", "original")
+# None: no quantization (the default; every quantized mode changes outputs, so it is opt-in).
+QUANTIZE_CHOICES = ("fp8", "int8", "int8-weight-only", None)
 
 
 def _choices(values) -> str:
@@ -55,6 +57,10 @@ class OptimizeConfig:
     #: Also optimize the VAE decoder (attention, memory format, compile); off by default because it
     #: adds compile time and runs once per image rather than once per step.
     compile_vae: bool = False
+    #: Quantize the Linear layers of the denoiser and ControlNets with torchao: "fp8" (float8 activations
+    #: and weights, CUDA compute capability >= 8.9), "int8" (int8 activations and weights), "int8-weight-only",
+    #: or None. Opt-in: it changes outputs (see docs/guide.md, "Quantization", for the bound).
+    quantize: Optional[str] = None
     #: The options the user named; a feature the installed versions lack is an error when named here
     #: and a skip with a reason otherwise. Filled in by :meth:`from_options`.
     explicit: FrozenSet[str] = field(default=frozenset(), repr=False, compare=False)
@@ -63,6 +69,7 @@ class OptimizeConfig:
         check_choice("attention", self.attention, ATTENTION_CHOICES)
         check_choice("memory_format", self.memory_format, MEMORY_FORMAT_CHOICES)
         check_bool("compile_vae", self.compile_vae)
+        check_choice("quantize", self.quantize, QUANTIZE_CHOICES)
         if isinstance(self.compile, Mapping):
             self._check_compile_options(dict(self.compile))
         elif not isinstance(self.compile, bool):
