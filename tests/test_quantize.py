@@ -311,7 +311,7 @@ def test_gpu_quantize_moves_originals_off_the_gpu_and_back(mode, bound):
     # bfloat16: the dtype torchao's per-row fp8 scales need.
     unet = tiny_unet(block_out_channels=(64, 128), cross_attention_dim=64).to("cuda", torch.bfloat16)
     unet.set_default_attn_processor()  # what restore puts back
-    inputs = {k: v.to("cuda", torch.bfloat16) if v.is_floating_point() else v.cuda() for k, v in unet_inputs(unet).items()}
+    inputs = {k: v.to("cuda", torch.bfloat16 if v.is_floating_point() else v.dtype) for k, v in unet_inputs(unet).items()}
     state = {k: v.clone() for k, v in unet.state_dict().items()}
     parameters = list(unet.parameters())
     with torch.no_grad():

@@ -197,7 +197,8 @@ def apply_quantize(model: torch.nn.Module, mode: str) -> Optional[Change]:
         for _, linear in chosen:
             record = _Record(linear)
             records.append(record)  # before quantize_, so that a layer torchao fails half-way is put back too
-            quantize_(linear, torchao_config(mode, record.weight.dtype), filter_fn=lambda m, fqn, target=linear: m is target)
+            config = torchao_config(mode, record.weight.dtype)
+            quantize_(linear, config, filter_fn=lambda module, fqn, target=linear: module is target)
             if type(linear.weight) is torch.nn.Parameter:  # torchao declined (shape or dtype it cannot take)
                 records.pop().undo()
                 skipped[LEFT_BY_TORCHAO] += 1
