@@ -13,7 +13,10 @@ GPU is probed, until :func:`optimize` runs.
 from .api import optimize, restore
 from .capabilities import UnsupportedFeatureError
 from .config import OptimizeConfig
+from .fidelity import quantization_error
 from .report import Report
 
 __version__ = "0.1.0"
-__all__ = ["optimize", "restore", "OptimizeConfig", "Report", "UnsupportedFeatureError", "__version__"]
+__all__ = [
+    "optimize", "restore", "OptimizeConfig", "Report", "UnsupportedFeatureError", "quantization_error", "__version__",
+]  # fmt: skip

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Callable, List, Optional, Tuple
 
 from . import capabilities
-from .components import CONTROLNET, Component, check_target, conv_share, find_components, module_device, module_dtype
+from .components import CONTROLNET, DENOISER, Component, check_target, conv_share, find_components, module_device, module_dtype
 from .config import RESTORE_ATTENTION_CHOICES, OptimizeConfig, check_choice
 from .report import APPLIED, SKIPPED, UNCHANGED, Report
 from .transforms import Change
@@ -15,6 +15,7 @@ from .transforms import attention_backend
 from .transforms.attention import apply_attention
 from .transforms.compile import apply_compile, default_options, is_compiled, uses_cuda_graphs
 from .transforms.memory_format import apply_memory_format
+from .transforms import quantize as quantize_transform
 
 logger = logging.getLogger(__name__)
 
@@ -126,6 +127,23 @@ def _plan_memory_format(component: Component, config: OptimizeConfig, report: Re
     return [_Step(component, "memory_format", lambda: apply_memory_format(component.module, fmt))]
 
 
+def _plan_quantize(component: Component, config: OptimizeConfig, report: Report) -> List[_Step]:
+    mode = config.quantize
+    if mode is None or component.role not in (DENOISER, CONTROLNET):
+        return []  # the VAE runs once per image and is conv-bound: 8-bit Linear layers would not pay there
+    gate = capabilities.quantize(mode, module_device(component.module))
+    reason = capabilities.require_or_skip(gate, config.asks_for("quantize"), f"quantize={mode!r}")
+    if reason:
+        report.add(component.name, "quantize", SKIPPED, reason)
+        return []
+    chosen, skipped = quantize_transform.select_layers(component.module, mode)
+    if not chosen:
+        kept = quantize_transform.describe_skipped(skipped) or "it has none"
+        report.add(component.name, "quantize", SKIPPED, f"no Linear layer worth quantizing ({kept})")
+        return []
+    return [_Step(component, "quantize", lambda: quantize_transform.apply_quantize(component.module, mode))]
+
+
 def _plan_compile(component: Component, config: OptimizeConfig, report: Report) -> List[_Step]:
     if config.compile is False:
         return []
@@ -166,8 +184,11 @@ def _plan(target, config: OptimizeConfig, report: Report) -> List[_Step]:
         report.add(type(target).__name__, "-", SKIPPED, "no unet, transformer or controlnet found")
     steps: List[_Step] = []
     # Fixed order: processors first (compile must trace the final ones), memory format before compile
-    # (compiled graphs specialize on weight strides), compile last.
-    for planner in (_plan_attention, _plan_memory_format, _plan_compile):
+    # (compiled graphs specialize on weight strides), quantization before compile (dynamo traces through
+    # torchao's weight subclasses, so the 8-bit matmuls and the activation quantization become part of the
+    # graph inductor fuses; quantizing a compiled module would swap the parameters its graph guards on and
+    # recompile, or leave CUDA graphs replaying the old weights), compile last.
+    for planner in (_plan_attention, _plan_memory_format, _plan_quantize, _plan_compile):
         for component in components:
             steps += planner(component, config, report)
     return steps
@@ -207,7 +228,8 @@ def optimize(target, config: Optional[OptimizeConfig] = None, **options) -> Repo
     """Make a diffusers pipeline (or a bare diffusers model) faster, in place.
 
     Runs, per component (the UNet or transformer, every ControlNet, and the VAE decoder when
-    ``compile_vae=True``): attention processors, then memory format, then ``torch.compile``. Bad options
+    ``compile_vae=True``): attention processors, then memory format, then quantization (only when asked
+    for, and not on the VAE), then ``torch.compile``. Bad options
     raise before anything is touched; if a step fails, the steps already applied are undone. Calling it
     again replaces the previous optimization instead of stacking on it.
 
@@ -220,7 +242,7 @@ def optimize(target, config: Optional[OptimizeConfig] = None, **options) -> Repo
         diffopt.restore(pipe)                      # back to eager, classic attention processors
 
     Options (see :class:`diffopt.OptimizeConfig`): ``attention``, ``compile``, ``memory_format``,
-    ``compile_vae``.
+    ``compile_vae``, ``quantize`` (opt-in: "fp8", "int8" or "int8-weight-only", with torchao).
     """
     config = OptimizeConfig.from_options(config, **options)
     # Dry run first: bad targets and missing features the user named raise here, with nothing touched.

@@ -6,8 +6,10 @@ monkeypatch :func:`installed_version` to simulate older releases.
 """
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 from dataclasses import dataclass
+from typing import Optional
 
 from packaging.version import Version
 
@@ -217,6 +219,61 @@ def auto_attention(device, dtype) -> tuple:
             return name, _card(device, dtype)
     # Without SDPA (torch < 2.0, diffusers < 0.14) the classic processors are all there is.
     return ("sdpa" if sdpa().ok else "default"), _card(device, dtype)
+#: The torchao release diffopt's quantization is tested with: its int8 configs take ``version=2`` (Int8Tensor).
+TORCHAO_MINIMUM = "0.17"
+#: float8 matmuls (torch._scaled_mm) need Ada (sm89) or Hopper (sm90) tensor cores or newer.
+FP8_MIN_CAPABILITY = (8, 9)
+
+
+def torchao_version() -> Optional[Version]:
+    """The installed torchao's version, or None; read from the package metadata, without importing torchao."""
+    if importlib.util.find_spec("torchao") is None:
+        return None
+    return Version(Version(importlib.metadata.version("torchao")).base_version)
+
+
+def _torchao_problem() -> Optional[str]:
+    found = torchao_version()
+    if found is None:
+        return "not installed"
+    if found < Version(TORCHAO_MINIMUM):
+        return f"torchao {found}"
+    try:
+        # Imported only here, when a user asked for quantize=: importing diffopt never imports torchao.
+        import torchao.quantization  # noqa: F401
+    except Exception as error:  # an ABI mismatch with this torch shows up here, not at pip install
+        return f"torchao {found}, which fails to import: {type(error).__name__}: {error}"
+    return None
+
+
+def _fp8_device_problem(device) -> Optional[str]:
+    import torch
+
+    device = torch.device(device)
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return f"the model on {device.type}"
+    capability = torch.cuda.get_device_capability(device)
+    if capability < FP8_MIN_CAPABILITY:
+        name = torch.cuda.get_device_name(device)
+        return f"{name}, compute capability {capability[0]}.{capability[1]}"
+    return None
+
+
+def quantize(mode: str, device) -> Gate:
+    """torchao >= TORCHAO_MINIMUM for every mode; for "fp8" also a CUDA device of compute capability >= 8.9.
+    When several things are missing, the reason names all of them."""
+    requirements, found = [], []
+    problem = _torchao_problem()
+    if problem:
+        requirements.append(f"torchao >= {TORCHAO_MINIMUM} (pip install 'diffopt[quant]')")
+        found.append(problem)
+    if mode == "fp8":
+        problem = _fp8_device_problem(device)
+        if problem:
+            major, minor = FP8_MIN_CAPABILITY
+            requirements.append(f"a CUDA GPU of compute capability >= {major}.{minor} (Ada, Hopper or newer)")
+            found.append(problem)
+    return Gate(f"{mode} quantization", not requirements, " and ".join(requirements), "; ".join(found))
 
 
 class UnsupportedFeatureError(RuntimeError):

@@ -18,6 +18,8 @@ MEMORY_FORMAT_CHOICES = ("channels_last", "contiguous", "preserve", None)
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs", None)
 COMPILE_KEYS = ("mode", "fullgraph", "dynamic", "backend", "options")
 RESTORE_ATTENTION_CHOICES = ("default", "original")
+# None: no quantization (the default; every quantized mode changes outputs, so it is opt-in).
+QUANTIZE_CHOICES = ("fp8", "int8", "int8-weight-only", None)
 
 
 def _choices(values) -> str:
@@ -61,6 +63,10 @@ class OptimizeConfig:
     #: costs a CUDA-graph recording instead of a recompile. Off by default: on an H200 it made the first call
     #: longer (SD1.5 92 s against 77 s; SD ControlNet 116 s against 73 s) for batch changes most users never make.
     dynamic_batch: bool = False
+    #: Quantize the Linear layers of the denoiser and ControlNets with torchao: "fp8" (float8 activations
+    #: and weights, CUDA compute capability >= 8.9), "int8" (int8 activations and weights), "int8-weight-only",
+    #: or None. Opt-in: it changes outputs (see docs/guide.md, "Quantization", for the bound).
+    quantize: Optional[str] = None
     #: The options the user named; a feature the installed versions lack is an error when named here
     #: and a skip with a reason otherwise. Filled in by :meth:`from_options`.
     explicit: FrozenSet[str] = field(default=frozenset(), repr=False, compare=False)
@@ -70,6 +76,7 @@ class OptimizeConfig:
         check_choice("memory_format", self.memory_format, MEMORY_FORMAT_CHOICES)
         check_bool("compile_vae", self.compile_vae)
         check_bool("dynamic_batch", self.dynamic_batch)
+        check_choice("quantize", self.quantize, QUANTIZE_CHOICES)
         if isinstance(self.compile, Mapping):
             self._check_compile_options(dict(self.compile))
         elif not isinstance(self.compile, bool):

@@ -11,7 +11,9 @@ Method, the same as /work/shared/anchors/bench_anchor.py so that numbers compare
 
 The reference (:func:`probe`) is an eager pipeline with diffusers' defaults, run once per pipeline x batch size:
 it counts the steps the pipeline really runs (img2img runs ``strength`` x steps), counts the FLOPs of one step
-of the denoisers with ``torch.utils.flop_counter`` and keeps the output every recipe's output is compared with.
+of the denoisers with ``torch.utils.flop_counter`` and keeps the output every recipe's output is compared with
+(relative L2 of the timed calls' output), plus one more call's decoded images for the PSNR of each recipe's decode
+call (:mod:`diffopt.bench.image_quality`).
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ from typing import Any, Optional
 import torch
 
 from diffopt.bench.env import OutOfMemoryError, free_memory, peak_memory_bytes, reset_peak_memory, sync
+from diffopt.bench.image_quality import pixels, psnr
 from diffopt.bench.pipelines import BenchCase, Stage, build_case
 from diffopt.bench.recipes import Recipe
 
@@ -34,6 +37,7 @@ class StageReference:
     steps: int
     flops_per_step: Optional[float]
     output: Any = field(default=None, repr=False)  # CPU float32 tensor; not written to results.json
+    image: Any = field(default=None, repr=False)  # decoded uint8 pixels (N, H, W, C); not written either
 
 
 @dataclass
@@ -57,6 +61,7 @@ class StageResult:
     flops_per_step: Optional[float] = None
     mfu: Optional[float] = None
     relative_l2: Optional[float] = None
+    psnr_db: Optional[float] = None  # decoded images against the reference's; inf when identical
 
 
 @dataclass
@@ -157,12 +162,14 @@ def _probe_stage(stage: Stage, batch_size: int, device: torch.device) -> StageRe
     finally:
         for handle in handles:
             handle.remove()
+    # One more eager call, decoded: what PSNR compares each recipe's decoded images with.
+    _, decoded = _timed(stage, _batch(stage, batch_size), "pil", device)
     # Classifier-free guidance runs the UNet once per step on the doubled batch, so UNet calls = steps.
     steps = calls.get("unet", stage.steps)
     flops = sum(
         _count_flops(module, *first_inputs[name]) for name, module in denoisers.items() if name in first_inputs
     )
-    return StageReference(stage.label, steps, flops or None, _to_cpu(output))
+    return StageReference(stage.label, steps, flops or None, _to_cpu(output), pixels(decoded))
 
 
 def probe(pipeline: str, batch_sizes: list[int], settings: CellSettings) -> list[Reference]:
@@ -251,7 +258,7 @@ def _measure_stage(stage, batch_size, settings: CellSettings, reference: Optiona
         seconds, output = _timed(stage, batch, stage.timed_output, device)
         times.append(seconds)
     phase.name = "decode call" + suffix
-    end_to_end_s, _ = _timed(stage, batch, "pil", device)
+    end_to_end_s, decoded = _timed(stage, batch, "pil", device)
     median = statistics.median(times)
     steps = reference.steps if reference else stage.steps
     return StageResult(
@@ -265,6 +272,7 @@ def _measure_stage(stage, batch_size, settings: CellSettings, reference: Optiona
         end_to_end_s=end_to_end_s,
         flops_per_step=reference.flops_per_step if reference else None,
         relative_l2=relative_l2(_to_cpu(output), reference.output if reference else None),
+        psnr_db=psnr(pixels(decoded), reference.image if reference else None),
     )
 
 

@@ -102,7 +102,7 @@ def to_markdown(run: BenchRun) -> str:
 
 _DETAIL_HEADER = [
     "pipeline", "batch", "recipe", "stage", "steps", "steps/s", "first call s", "end-to-end s",
-    "peak GiB", "GFLOP/step", "MFU", "rel. L2 vs sdpa", "status",
+    "peak GiB", "GFLOP/step", "MFU", "rel. L2 vs sdpa", "PSNR dB vs sdpa", "status",
 ]  # fmt: skip
 
 
@@ -112,14 +112,14 @@ def _detail_rows(run: BenchRun) -> list[list[str]]:
         status = cell.error or cell.status
         peak = f"{cell.peak_memory_bytes / 2**30:.2f}" if cell.peak_memory_bytes else "-"
         if not cell.stages:
-            rows.append([cell.pipeline, str(cell.batch_size), cell.recipe] + ["-"] * 7 + ["-", "-", status])
+            rows.append([cell.pipeline, str(cell.batch_size), cell.recipe] + ["-"] * 7 + ["-", "-", "-", status])
         for stage in cell.stages:
             rows.append([
                 cell.pipeline, str(stage.batch_size), cell.recipe, stage.label or "-", str(stage.steps),
                 f"{stage.steps_per_s:.2f}", f"{stage.first_call_s:.2f}", _number(stage.end_to_end_s, "{:.3f}"),
                 peak, _number(stage.flops_per_step and stage.flops_per_step / 1e9, "{:,.1f}"),
                 _number(stage.mfu, "{:.1%}"),
-                _number(stage.relative_l2, "{:.2e}"), status,
+                _number(stage.relative_l2, "{:.2e}"), _number(stage.psnr_db, "{:.1f}"), status,
             ])  # fmt: skip
     return rows
 

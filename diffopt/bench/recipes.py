@@ -76,6 +76,10 @@ RECIPES: dict[str, Callable[..., Optional[str]]] = {
 # Short names for specs; e.g. PRESETS["diffopt-max-autotune"] = "diffopt:mode='max-autotune'".
 PRESETS: dict[str, str] = {
     "diffopt-nocompile": "diffopt:compile=False",
+    # Opt-in quantization (torchao): their cells' rel. L2 and PSNR columns show what it costs in fidelity.
+    "diffopt-fp8": "diffopt:quantize='fp8'",
+    "diffopt-int8": "diffopt:quantize='int8'",
+    "diffopt-int8-weight-only": "diffopt:quantize='int8-weight-only'",
 }
 
 REFERENCE = "sdpa"  # eager diffusers default: speed-ups and output differences are measured against it

@@ -95,6 +95,7 @@ class BenchRun:
             data = asdict(reference)
             for stage in data["stages"]:
                 stage.pop("output", None)
+                stage.pop("image", None)
             references.append(data)
         return {
             "settings": asdict(self.settings),
