@@ -189,6 +189,10 @@ def sdpa_kernel_priority() -> Gate:
 #: "auto" only ever picks torch's own SDPA kernels, and only as a preference: where the kernel cannot run
 #: (an attention mask flash cannot take, ...) torch falls back instead of failing.
 AUTO_ATTENTION = {
+    # Hopper: torch 2.11's own SDPA dispatch already ran cuDNN's fused attention for SD1.5 on an H200 (the kernel
+    # cudnn_generated_fort_native_sdpa_sm90_flash_fprop in benchmarks/results/2026-11-26-h200-session2/levers-bs1.log),
+    # so cuDNN first keeps that choice on every torch; FlashAttention-2 where cuDNN's backend is missing.
+    "cuda-sm90+-half": ("cudnn", "flash", "sdpa"),
     "cuda-sm80+-half": ("flash", "sdpa"),
     "cuda": ("sdpa",),
     "cpu": ("sdpa",),
@@ -198,6 +202,8 @@ AUTO_ATTENTION = {
 def card_class(device, dtype) -> str:
     """The key of :data:`AUTO_ATTENTION` for a module on ``device`` in ``dtype``."""
     if device.type == "cuda":
+        if cuda_capability(device) >= (9, 0) and _dtype_name(dtype) in HALF:
+            return "cuda-sm90+-half"
         if cuda_capability(device) >= (8, 0) and _dtype_name(dtype) in HALF:
             return "cuda-sm80+-half"
         return "cuda"

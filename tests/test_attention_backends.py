@@ -448,7 +448,7 @@ def test_cuda_gates(monkeypatch, name, capability, dtype, ok, words):
 @pytest.mark.parametrize(
     "device, capability, dtype, picked",
     [
-        ("cuda", (9, 0), torch.bfloat16, "flash"),
+        ("cuda", (9, 0), torch.bfloat16, "cudnn" if torch.backends.cudnn.is_available() else "flash"),
         ("cuda", (8, 0), torch.float16, "flash"),
         ("cuda", (9, 0), torch.float32, "sdpa"),
         ("cuda", (7, 5), torch.float16, "sdpa"),

@@ -27,6 +27,9 @@ FP8_SKIP = "fp8 needs a CUDA GPU of compute capability >= 8.9; on this machine o
 # a stream it does not scale, so the whole UNet should move by no more than one layer's rounding: 1e-2.
 # Measured on this tiny UNet: ~4e-3 (int8) and ~2e-3 (int8-weight-only), torchao 0.17.0, fp32, CPU.
 INT8_BOUND = 1e-2
+# On CUDA in bfloat16 the unquantized reference itself rounds to 8 mantissa bits (0.4% per op), on top of int8's
+# rounding: measured 1.4e-2 on an H200 (torch 2.11, torchao 0.17.0). The bf16 bound doubles the fp32 one.
+INT8_BF16_BOUND = 2e-2
 # fp8 (e4m3) keeps 3 mantissa bits: rounding moves a value by up to 2^-4 relative, ~2.5% RMS per layer for
 # weights and activations together; the same residual argument gives 5e-2 for the whole UNet.
 FP8_BOUND = 5e-2
@@ -301,7 +304,7 @@ def _fp8_gate():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("mode, bound", [("fp8", FP8_BOUND), ("int8", INT8_BOUND)])
+@pytest.mark.parametrize("mode, bound", [("fp8", FP8_BOUND), ("int8", INT8_BF16_BOUND)])
 def test_gpu_quantize_moves_originals_off_the_gpu_and_back(mode, bound):
     reason = _fp8_gate() if mode == "fp8" else ("" if torch.cuda.is_available() else "needs a CUDA device")
     if not reason and not TORCHAO.ok:
