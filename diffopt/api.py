@@ -6,12 +6,15 @@ from dataclasses import dataclass, field
 from typing import Callable, List, Optional, Tuple
 
 from . import capabilities
-from .components import CONTROLNET, Component, check_target, conv_share, find_components, module_device
+from .components import (
+    CONTROLNET, DENOISER, Component, check_target, conv_share, default_attention_family, find_components, module_device,
+)
 from .config import RESTORE_ATTENTION_CHOICES, OptimizeConfig, check_choice
 from .report import APPLIED, SKIPPED, UNCHANGED, Report
 from .transforms import attention as attention_transform
 from .transforms.attention import apply_attention
 from .transforms.compile import apply_compile, default_options, is_compiled
+from .transforms.fuse_projections import ALREADY_FUSED, apply_fuse_projections
 from .transforms.memory_format import apply_memory_format
 
 logger = logging.getLogger(__name__)
@@ -55,6 +58,21 @@ def _plan_attention(component: Component, config: OptimizeConfig, report: Report
         report.add(component.name, "attention", SKIPPED, reason)
         return []
     return [_Step(component, "attention", lambda: apply_attention(component.module, family))]
+
+
+def _plan_fuse_projections(component: Component, config: OptimizeConfig, report: Report) -> List[_Step]:
+    if not config.fuse_projections:
+        return []
+    gate = capabilities.fuse_projections(component.module)
+    if not gate.ok:
+        # Only the denoiser makes a named fuse_projections an error: a VAE decoder or a ControlNet that cannot
+        # fuse is no reason to refuse the rest. A model fused by the user is left alone, as for compile.
+        if config.asks_for("fuse_projections") and component.role == DENOISER and gate.found != ALREADY_FUSED:
+            raise capabilities.UnsupportedFeatureError(f"fuse_projections: {gate.reason}")
+        reason = gate.found if gate.found == ALREADY_FUSED else gate.reason
+        report.add(component.name, "fuse_projections", SKIPPED, reason)
+        return []
+    return [_Step(component, "fuse_projections", lambda: apply_fuse_projections(component.module))]
 
 
 def _plan_memory_format(component: Component, config: OptimizeConfig, report: Report) -> List[_Step]:
@@ -106,9 +124,10 @@ def _plan(target, config: OptimizeConfig, report: Report) -> List[_Step]:
     if not components:
         report.add(type(target).__name__, "-", SKIPPED, "no unet, transformer or controlnet found")
     steps: List[_Step] = []
-    # Fixed order: processors first (compile must trace the final ones), memory format before compile
+    # Fixed order: processors first (compile must trace the final ones; fusing swaps some processors for
+    # fused ones, so it follows the attention family), memory format before compile
     # (compiled graphs specialize on weight strides), compile last.
-    for planner in (_plan_attention, _plan_memory_format, _plan_compile):
+    for planner in (_plan_attention, _plan_fuse_projections, _plan_memory_format, _plan_compile):
         for component in components:
             steps += planner(component, config, report)
     return steps
@@ -148,7 +167,8 @@ def optimize(target, config: Optional[OptimizeConfig] = None, **options) -> Repo
     """Make a diffusers pipeline (or a bare diffusers model) faster, in place.
 
     Runs, per component (the UNet or transformer, every ControlNet, and the VAE decoder when
-    ``compile_vae=True``): attention processors, then memory format, then ``torch.compile``. Bad options
+    ``compile_vae=True``): attention processors, then fused QKV projections (opt-in), then memory format,
+    then ``torch.compile``. Bad options
     raise before anything is touched; if a step fails, the steps already applied are undone. Calling it
     again replaces the previous optimization instead of stacking on it.
 
@@ -161,7 +181,7 @@ def optimize(target, config: Optional[OptimizeConfig] = None, **options) -> Repo
         diffopt.restore(pipe)                      # back to eager, classic attention processors
 
     Options (see :class:`diffopt.OptimizeConfig`): ``attention``, ``compile``, ``memory_format``,
-    ``compile_vae``.
+    ``compile_vae``, ``fuse_projections``.
     """
     config = OptimizeConfig.from_options(config, **options)
     # Dry run first: bad targets and missing features the user named raise here, with nothing touched.
@@ -196,8 +216,10 @@ def optimize(target, config: Optional[OptimizeConfig] = None, **options) -> Repo
 def restore(target, attention: str = "default") -> Report:
     """Undo :func:`optimize`: original modules uncompiled, original memory format, and attention on the
     classic processors (``attention="default"``: AttnProcessor, AttnAddedKVProcessor, IPAdapterAttnProcessor,
-    the deterministic, exportable state) or exactly the processors that were there before optimize
-    (``attention="original"``). Safe on a pipeline that was never optimized.
+    the deterministic, exportable state; transformers such as SD3, Flux and PixArt go back to the processors
+    diffusers builds them with) or exactly the processors that were there before optimize
+    (``attention="original"``). Loaded LoRA and IP-Adapter weights stay. Safe on a pipeline that was never
+    optimized.
 
     Example::
 
@@ -217,7 +239,9 @@ def restore(target, attention: str = "default") -> Report:
             delattr(target, STATE_ATTR)
     if attention == "default":
         for component in components:
-            change = apply_attention(component.module, "default")
-            status, detail = (APPLIED, change.detail) if change else (UNCHANGED, "already on the classic processors")
+            family = default_attention_family(component.module)
+            change = apply_attention(component.module, family)
+            where = "the classic processors" if family == "default" else "its default SDPA processors"
+            status, detail = (APPLIED, change.detail) if change else (UNCHANGED, f"already on {where}")
             report.add(component.name, "attention", status, detail)
     return report

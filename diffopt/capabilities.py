@@ -60,6 +60,19 @@ def compile() -> Gate:  # noqa: A001 - mirrors the option name
     return _version_gate("torch.compile (in place, nn.Module.compile)", "torch", "2.2")
 
 
+def fuse_projections(model) -> Gate:
+    """Fused QKV projections through the model's own fuse_qkv_projections, when they can be faithful: not
+    for models without the method, with added K/V attention, with LoRA layers on the projections, or whose
+    processors would ignore the fused layers."""
+    from .transforms.fuse_projections import blocker
+
+    found = blocker(model)
+    if found is None:
+        return Gate("fused QKV projections", True)
+    requirement, what = found
+    return Gate("fused QKV projections", False, requirement, what)
+
+
 class UnsupportedFeatureError(RuntimeError):
     """A feature the user asked for by name cannot run with the installed versions or hardware."""
 
