@@ -210,7 +210,21 @@ def optimize(target, config: Optional[OptimizeConfig] = None, **options) -> Repo
         raise
     if state.undo:
         setattr(target, STATE_ATTR, state)
+    _warn_pending_lora_hotswap(steps)
     return report
+
+
+def _warn_pending_lora_hotswap(steps: List[_Step]) -> None:
+    # enable_lora_hotswap() only takes effect when the first LoRA is loaded, and peft refuses to prepare a
+    # compiled model: that load, after optimize, would fail. Say so now, while the fix is one line away.
+    for step in steps:
+        module = step.component.module
+        if step.transform == "compile" and getattr(module, "_prepare_lora_hotswap_kwargs", None) is not None:
+            logger.warning(
+                "diffopt: %s has LoRA hot-swap enabled but no LoRA loaded yet; loading the first LoRA into the "
+                "compiled model will fail. Load it before diffopt.optimize (or restore, load, optimize again).",
+                step.component.name,
+            )
 
 
 def restore(target, attention: str = "default") -> Report:
