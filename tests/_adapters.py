@@ -7,7 +7,7 @@ from conftest import CROSS_DIM
 IMAGE_EMBED_DIM = 12  # width of the (absent) image encoder's embeddings
 
 
-def save_lora(directory, seed, rank=4, name="lora.safetensors", model=None, pipeline_class=None):
+def save_lora(directory, seed, name="lora.safetensors", rank=4, model=None, pipeline_class=None):
     """A LoRA with random, non-zero weights on the attention projections of ``model`` (a fresh tiny UNet by
     default), saved the way diffusers' trainers do; returns the file's path."""
     from diffusers import StableDiffusionPipeline
@@ -48,9 +48,13 @@ def save_ip_adapter(directory, unet, seed=0, name="ip_adapter.safetensors"):
     for index, processor_name in enumerate(cross):
         attn = unet.get_submodule(processor_name[: -len(".processor")])
         for proj in ("to_k_ip", "to_v_ip"):
-            weights[f"ip_adapter.{2 * index + 1}.{proj}.weight"] = torch.randn(attn.inner_dim, CROSS_DIM, generator=g) * 0.3
+            weight = torch.randn(attn.inner_dim, CROSS_DIM, generator=g) * 0.3
+            weights[f"ip_adapter.{2 * index + 1}.{proj}.weight"] = weight
     save_file(weights, os.path.join(str(directory), name))
-    return dict(pretrained_model_name_or_path_or_dict=str(directory), subfolder="", weight_name=name, image_encoder_folder=None)
+    # What pipe.load_ip_adapter(**...) takes: a local folder, no image encoder (embeddings are passed directly).
+    return dict(
+        pretrained_model_name_or_path_or_dict=str(directory), subfolder="", weight_name=name, image_encoder_folder=None
+    )
 
 
 def image_embeds(seed=5):

@@ -41,7 +41,7 @@ def flux_loras(tmp_path_factory):
 
     directory = tmp_path_factory.mktemp("flux_loras")
     return {
-        name: save_lora(directory, seed, name=f"{name}.safetensors", model=flux_transformer(), pipeline_class=FluxPipeline)
+        name: save_lora(directory, seed, f"{name}.safetensors", model=flux_transformer(), pipeline_class=FluxPipeline)
         for name, seed in (("a", 1), ("b", 2))
     }
 
@@ -126,7 +126,9 @@ def test_restore_keeps_loaded_loras(loras, attention):
 # Loaded after optimize, the adapter's processors replace the compiled ones: traced (once) to show the
 # compiled UNet picks them up. Loaded before, eager suffices: the processors are the same either way.
 @pytest.mark.parametrize(
-    "when, compile", [("before", False), pytest.param("after", TRACE, marks=pytest.mark.compile)], ids=["before", "after"]
+    "when, compile",
+    [("before", False), pytest.param("after", TRACE, marks=pytest.mark.compile)],
+    ids=["before", "after"],
 )
 def test_ip_adapter_loaded_before_or_after_optimize_matches_the_unoptimized_pipe(tmp_path, when, compile):
     pipe, reference = sd_pipeline(), sd_pipeline()
