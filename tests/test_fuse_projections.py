@@ -162,6 +162,34 @@ def test_off_by_default_and_a_model_fused_by_the_user_is_left_alone():
     assert fused_layers(model)
 
 
+def test_second_optimize_refuses_nothing_and_stacks_nothing():
+    model = tiny_unet()
+    before = model_state(model)
+    diffopt.optimize(model, fuse_projections=True, compile=False)
+    fused = len(fused_layers(model))
+    report = diffopt.optimize(model, fuse_projections=True, compile=False)  # unfuses, then fuses again
+    assert [s.status for s in report.steps if s.transform == "fuse_projections"] == ["applied"]
+    assert len(fused_layers(model)) == fused and len(model._forward_pre_hooks) == 1
+    diffopt.restore(model, attention="original")
+    assert_same_state(before, model_state(model))
+
+
+def test_a_failing_fuse_leaves_the_model_as_it_was(monkeypatch):
+    model = tiny_unet()
+    before = model_state(model)
+    real = type(model).fuse_qkv_projections
+
+    def fuse_then_fail(self):
+        real(self)
+        raise RuntimeError("out of memory, say")
+
+    monkeypatch.setattr(type(model), "fuse_qkv_projections", fuse_then_fail)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        diffopt.optimize(model, fuse_projections=True, compile=False)
+    assert_same_state(before, model_state(model))
+    assert not hasattr(model, "_diffopt_state")
+
+
 @pytest.mark.parametrize("value", ["yes", 1, None])
 def test_fuse_projections_must_be_a_bool(value):
     with pytest.raises(TypeError, match=f"fuse_projections must be True or False, got {value!r}"):

@@ -107,7 +107,11 @@ def apply_fuse_projections(model: torch.nn.Module) -> Optional[Change]:
         for name, attn in attention_modules(model)
     }
     model_attr = model.__dict__.get("original_attn_processors", _MISSING)
-    model.fuse_qkv_projections()
+    try:
+        model.fuse_qkv_projections()
+    except Exception:
+        _abandon(model, saved, model_attr)  # half-way through: leave the model as it was, then say why
+        raise
 
     fused, kept = {}, Counter()
     for name, (attn, old, children, flag) in saved.items():
@@ -140,6 +144,14 @@ def apply_fuse_projections(model: torch.nn.Module) -> Optional[Change]:
     if kept:
         detail += "; kept unfused for their processors: " + ", ".join(f"{n}x {p}" for p, n in kept.items())
     return Change(detail, undo)
+
+
+def _abandon(model, saved, model_attr) -> None:
+    for attn, old, children, flag in saved.values():
+        if attn.processor is not old:
+            attn.set_processor(old)
+        _unfuse_layer(attn, children, flag)
+    _restore_attr(model, "original_attn_processors", model_attr)
 
 
 def _unfuse_layer(attn, children, flag) -> None:
