@@ -12,6 +12,10 @@ from test_roundtrip import assert_same, snapshot
 import diffopt
 from diffopt.transforms.fuse_projections import FUSED_LAYERS, apply_fuse_projections
 
+# Dynamo caches graphs per code object, and diffusers' forward wrappers are shared by every transformer class:
+# a fresh start per test keeps the recompile limit (8) from counting other tests' models.
+pytestmark = pytest.mark.usefixtures("compile_clean")
+
 MODELS = {"unet": tiny_unet, "sd3": sd3_transformer, "flux": flux_transformer, "pixart": pixart_transformer}
 # What the model's own fuse_qkv_projections installs (Flux keeps its processor, which reads the fused layers).
 FUSED = {"unet": "FusedAttnProcessor2_0", "sd3": "FusedJointAttnProcessor2_0", "flux": "FluxAttnProcessor",

@@ -11,6 +11,10 @@ from test_roundtrip import assert_same, snapshot
 
 import diffopt
 
+# Dynamo caches graphs per code object, and diffusers' forward wrappers are shared by every transformer class:
+# a fresh start per test keeps the recompile limit (8) from counting other tests' models.
+pytestmark = pytest.mark.usefixtures("compile_clean")
+
 PIPELINES = {"sd3": sd3_pipeline, "flux": flux_pipeline, "pixart": pixart_pipeline}
 MODELS = {"sd3": sd3_transformer, "flux": flux_transformer, "pixart": pixart_transformer}
 # What diffusers 0.42 builds each transformer with; optimize(attention="sdpa") must end there.
