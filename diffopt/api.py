@@ -168,9 +168,9 @@ def optimize(target, config: Optional[OptimizeConfig] = None, **options) -> Repo
 
     Runs, per component (the UNet or transformer, every ControlNet, and the VAE decoder when
     ``compile_vae=True``): attention processors, then fused QKV projections (opt-in), then memory format,
-    then ``torch.compile``. Bad options
-    raise before anything is touched; if a step fails, the steps already applied are undone. Calling it
-    again replaces the previous optimization instead of stacking on it.
+    then ``torch.compile``. Bad options raise before anything is touched; if a step fails, the steps already
+    applied are undone. Calling it again replaces the previous optimization instead of stacking on it.
+    LoRA and IP-Adapter weights may be loaded before or after; ``restore`` keeps them.
 
     Example::
 
