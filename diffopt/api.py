@@ -6,7 +6,10 @@ from dataclasses import dataclass, field
 from typing import Callable, List, Optional, Tuple
 
 from . import capabilities
-from .components import CONTROLNET, DENOISER, Component, check_target, conv_share, find_components, module_device, module_dtype
+from .components import (
+    CONTROLNET, DENOISER, Component, check_target, conv_share, default_attention_family, find_components, module_device,
+    module_dtype,
+)
 from .config import RESTORE_ATTENTION_CHOICES, OptimizeConfig, check_choice
 from .report import APPLIED, SKIPPED, UNCHANGED, Report
 from .transforms import Change
@@ -14,6 +17,7 @@ from .transforms import attention as attention_transform
 from .transforms import attention_backend
 from .transforms.attention import apply_attention
 from .transforms.compile import apply_compile, default_options, is_compiled, uses_cuda_graphs
+from .transforms.fuse_projections import ALREADY_FUSED, apply_fuse_projections
 from .transforms.memory_format import apply_memory_format
 from .transforms import quantize as quantize_transform
 
@@ -111,6 +115,19 @@ def _plan_attention_backend(component: Component, config: OptimizeConfig, report
         return Change(prefix + (change.detail if change else "already in place"), change.undo if change else lambda: None)
 
     return [_Step(component, "attention", apply)]
+def _plan_fuse_projections(component: Component, config: OptimizeConfig, report: Report) -> List[_Step]:
+    if not config.fuse_projections:
+        return []
+    gate = capabilities.fuse_projections(component.module)
+    if not gate.ok:
+        # Only the denoiser makes a named fuse_projections an error: a VAE decoder or a ControlNet that cannot
+        # fuse is no reason to refuse the rest. A model fused by the user is left alone, as for compile.
+        if config.asks_for("fuse_projections") and component.role == DENOISER and gate.found != ALREADY_FUSED:
+            raise capabilities.UnsupportedFeatureError(f"fuse_projections: {gate.reason}")
+        reason = gate.found if gate.found == ALREADY_FUSED else gate.reason
+        report.add(component.name, "fuse_projections", SKIPPED, reason)
+        return []
+    return [_Step(component, "fuse_projections", lambda: apply_fuse_projections(component.module))]
 
 
 def _plan_memory_format(component: Component, config: OptimizeConfig, report: Report) -> List[_Step]:
@@ -183,12 +200,13 @@ def _plan(target, config: OptimizeConfig, report: Report) -> List[_Step]:
     if not components:
         report.add(type(target).__name__, "-", SKIPPED, "no unet, transformer or controlnet found")
     steps: List[_Step] = []
-    # Fixed order: processors first (compile must trace the final ones), memory format before compile
-    # (compiled graphs specialize on weight strides), quantization before compile (dynamo traces through
-    # torchao's weight subclasses, so the 8-bit matmuls and the activation quantization become part of the
-    # graph inductor fuses; quantizing a compiled module would swap the parameters its graph guards on and
-    # recompile, or leave CUDA graphs replaying the old weights), compile last.
-    for planner in (_plan_attention, _plan_memory_format, _plan_quantize, _plan_compile):
+    # Fixed order: processors first (compile must trace the final ones; fusing swaps some processors for
+    # fused ones, so it follows the attention family), memory format before compile (compiled graphs specialize
+    # on weight strides), quantization before compile (dynamo traces through torchao's weight subclasses, so the
+    # 8-bit matmuls and the activation quantization become part of the graph inductor fuses; quantizing a
+    # compiled module would swap the parameters its graph guards on and recompile, or leave CUDA graphs replaying
+    # the old weights), compile last.
+    for planner in (_plan_attention, _plan_fuse_projections, _plan_memory_format, _plan_quantize, _plan_compile):
         for component in components:
             steps += planner(component, config, report)
     return steps
@@ -228,10 +246,11 @@ def optimize(target, config: Optional[OptimizeConfig] = None, **options) -> Repo
     """Make a diffusers pipeline (or a bare diffusers model) faster, in place.
 
     Runs, per component (the UNet or transformer, every ControlNet, and the VAE decoder when
-    ``compile_vae=True``): attention processors, then memory format, then quantization (only when asked
-    for, and not on the VAE), then ``torch.compile``. Bad options
-    raise before anything is touched; if a step fails, the steps already applied are undone. Calling it
-    again replaces the previous optimization instead of stacking on it.
+    ``compile_vae=True``): attention processors, then fused QKV projections (opt-in), then memory format,
+    then quantization (opt-in, not on the VAE), then ``torch.compile``. Bad options raise before anything is
+    touched; if a step fails, the steps already applied are undone. Calling it again replaces the previous
+    optimization instead of stacking on it. LoRA and IP-Adapter weights may be loaded before or after;
+    ``restore`` keeps them.
 
     Example::
 
@@ -242,7 +261,8 @@ def optimize(target, config: Optional[OptimizeConfig] = None, **options) -> Repo
         diffopt.restore(pipe)                      # back to eager, classic attention processors
 
     Options (see :class:`diffopt.OptimizeConfig`): ``attention``, ``compile``, ``memory_format``,
-    ``compile_vae``, ``quantize`` (opt-in: "fp8", "int8" or "int8-weight-only", with torchao).
+    ``compile_vae``, ``dynamic_batch``, ``fuse_projections``, ``quantize`` (opt-in: "fp8", "int8" or
+    "int8-weight-only", with torchao).
     """
     config = OptimizeConfig.from_options(config, **options)
     # Dry run first: bad targets and missing features the user named raise here, with nothing touched.
@@ -271,14 +291,30 @@ def optimize(target, config: Optional[OptimizeConfig] = None, **options) -> Repo
         raise
     if state.undo:
         setattr(target, STATE_ATTR, state)
+    _warn_pending_lora_hotswap(steps)
     return report
+
+
+def _warn_pending_lora_hotswap(steps: List[_Step]) -> None:
+    # enable_lora_hotswap() only takes effect when the first LoRA is loaded, and peft refuses to prepare a
+    # compiled model: that load, after optimize, would fail. Say so now, while the fix is one line away.
+    for step in steps:
+        module = step.component.module
+        if step.transform == "compile" and getattr(module, "_prepare_lora_hotswap_kwargs", None) is not None:
+            logger.warning(
+                "diffopt: %s has LoRA hot-swap enabled but no LoRA loaded yet; loading the first LoRA into the "
+                "compiled model will fail. Load it before diffopt.optimize (or restore, load, optimize again).",
+                step.component.name,
+            )
 
 
 def restore(target, attention: str = "default") -> Report:
     """Undo :func:`optimize`: original modules uncompiled, original memory format, and attention on the
     classic processors (``attention="default"``: AttnProcessor, AttnAddedKVProcessor, IPAdapterAttnProcessor,
-    the deterministic, exportable state) or exactly the processors that were there before optimize
-    (``attention="original"``). Safe on a pipeline that was never optimized.
+    the deterministic, exportable state; transformers such as SD3, Flux and PixArt go back to the processors
+    diffusers builds them with) or exactly the processors that were there before optimize
+    (``attention="original"``). Loaded LoRA and IP-Adapter weights stay. Safe on a pipeline that was never
+    optimized.
 
     Example::
 
@@ -298,7 +334,9 @@ def restore(target, attention: str = "default") -> Report:
             delattr(target, STATE_ATTR)
     if attention == "default":
         for component in components:
-            change = apply_attention(component.module, "default")
-            status, detail = (APPLIED, change.detail) if change else (UNCHANGED, "already on the classic processors")
+            family = default_attention_family(component.module)
+            change = apply_attention(component.module, family)
+            where = "the classic processors" if family == "default" else "its default SDPA processors"
+            status, detail = (APPLIED, change.detail) if change else (UNCHANGED, f"already on {where}")
             report.add(component.name, "attention", status, detail)
     return report

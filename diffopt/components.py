@@ -88,3 +88,16 @@ def conv_share(module: torch.nn.Module) -> float:
     total = sum(p.numel() for p in module.parameters())
     conv = sum(p.numel() for m in module.modules() if isinstance(m, torch.nn.Conv2d) for p in m.parameters(recurse=False))
     return conv / total if total else 0.0
+
+
+def is_transformer(module: torch.nn.Module) -> bool:
+    """A DiT-style model (SD3, Flux, PixArt, Sana, Wan, ...). diffusers builds these on SDPA-family processors
+    (JointAttnProcessor2_0, FluxAttnProcessor, AttnProcessor2_0) and gives them no classic form, so those are
+    the processors ``restore`` puts them back on."""
+    return "Transformer" in type(module).__name__
+
+
+def default_attention_family(module: torch.nn.Module) -> str:
+    """The attention family ``restore(attention="default")`` leaves ``module`` on: the classic processors for
+    UNets, ControlNets and VAEs (the deterministic, exportable state), the freshly built ones for transformers."""
+    return "sdpa" if is_transformer(module) else "default"

@@ -164,8 +164,9 @@ def _probe_stage(stage: Stage, batch_size: int, device: torch.device) -> StageRe
             handle.remove()
     # One more eager call, decoded: what PSNR compares each recipe's decoded images with.
     _, decoded = _timed(stage, _batch(stage, batch_size), "pil", device)
-    # Classifier-free guidance runs the UNet once per step on the doubled batch, so UNet calls = steps.
-    steps = calls.get("unet", stage.steps)
+    # Classifier-free guidance runs the UNet (or transformer) once per step on the doubled batch, so its
+    # calls = steps.
+    steps = calls.get("unet", calls.get("transformer", stage.steps))
     flops = sum(
         _count_flops(module, *first_inputs[name]) for name, module in denoisers.items() if name in first_inputs
     )

@@ -10,6 +10,8 @@ optional options, ``name:key=value,key=value``; values are read as Python litera
 ``sdpa``               eager, diffusers' default (scaled_dot_product_attention): the reference of every comparison
 ``seed``               the seed page's recipe: channels_last + ``torch.compile(mode="reduce-overhead",
                        fullgraph=True)`` on the UNet and the ControlNet (default mode off CUDA: no CUDA graphs)
+``compile``            plain ``torch.compile`` of the denoiser (``pipe.transformer`` or ``pipe.unet``), default
+                       arguments: what most users write, for diffopt to be measured against in the same run
 ``diffopt``            ``diffopt.optimize(pipe, **options)``
 =====================  ==========================================================================================
 
@@ -30,7 +32,7 @@ from typing import Any, Callable, Optional
 import torch
 
 # Modules that run once per denoising step; everything else (VAE, schedulers) runs once per image.
-DENOISERS = ("unet", "controlnet")
+DENOISERS = ("unet", "transformer", "controlnet")
 
 
 def _denoisers(pipe):
@@ -40,6 +42,9 @@ def _denoisers(pipe):
 def classic(pipe) -> None:
     """Eager with the attention processors diffusers used before SDPA (AttnProcessor, AttnAddedKVProcessor)."""
     for module in _denoisers(pipe):
+        if not hasattr(module, "set_default_attn_processor"):
+            # SD3's and Flux's transformers were written for SDPA: there is no classic form to measure.
+            raise ValueError(f"classic: {type(module).__name__} has no pre-SDPA attention processors")
         module.set_default_attn_processor()
 
 
@@ -58,6 +63,16 @@ def seed(pipe) -> None:
             setattr(pipe, name, torch.compile(module, mode=mode, fullgraph=True))
 
 
+def plain_compile(pipe) -> None:
+    """``torch.compile`` of the denoiser with default arguments, as most users write it: the transformer where
+    the pipeline has one, else the UNet (a ControlNet stays eager). No memory format, no processor change."""
+    for name in ("transformer", "unet"):
+        module = getattr(pipe, name, None)
+        if isinstance(module, torch.nn.Module):
+            setattr(pipe, name, torch.compile(module))
+            return
+
+
 def diffopt(pipe, **options) -> Optional[str]:
     """``diffopt.optimize(pipe, **options)``; the report's text becomes the cell's note."""
     # Imported here: the benchmark must run, and record the failure in this cell, even without diffopt's core.
@@ -70,6 +85,7 @@ RECIPES: dict[str, Callable[..., Optional[str]]] = {
     "classic": classic,
     "sdpa": sdpa,
     "seed": seed,
+    "compile": plain_compile,
     "diffopt": diffopt,
 }
 
@@ -96,7 +112,7 @@ class Recipe:
     @property
     def compiles(self) -> bool:
         """Whether the recipe calls torch.compile (the first call then includes compilation)."""
-        if self.function is seed:
+        if self.function in (seed, plain_compile):
             return True
         return self.function is diffopt and self.options.get("compile", True) is not False
 

@@ -28,7 +28,7 @@ from diffopt.bench.measure import (
     measure_cell,
     probe,
 )
-from diffopt.bench.pipelines import PIPELINES
+from diffopt.bench.pipelines import SEED_PIPELINES
 from diffopt.bench.recipes import resolve
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -45,7 +45,7 @@ def default_device() -> str:
 class BenchSettings:
     """What to run. ``None`` fields take the device's defaults (see :meth:`resolved`)."""
 
-    pipelines: list[str] = field(default_factory=lambda: list(PIPELINES))
+    pipelines: list[str] = field(default_factory=lambda: list(SEED_PIPELINES))
     batch_sizes: Optional[list[int]] = None
     recipes: Optional[list[str]] = None
     device: Optional[str] = None
