@@ -13,9 +13,11 @@ GPU is probed, until :func:`optimize` runs.
 from .api import optimize, restore
 from .capabilities import UnsupportedFeatureError
 from .config import DeepCache, FirstBlockCache, OptimizeConfig
+from .fidelity import quantization_error
 from .report import Report
 
 __version__ = "0.1.0"
 __all__ = [
-    "optimize", "restore", "OptimizeConfig", "DeepCache", "FirstBlockCache", "Report", "UnsupportedFeatureError", "__version__",
-]
+    "optimize", "restore", "OptimizeConfig", "DeepCache", "FirstBlockCache", "Report", "UnsupportedFeatureError",
+    "quantization_error", "__version__",
+]  # fmt: skip

@@ -6,14 +6,21 @@ from dataclasses import dataclass, field
 from typing import Callable, List, Optional, Tuple
 
 from . import capabilities
-from .components import CONTROLNET, DENOISER, Component, check_target, conv_share, find_components, is_pipeline, module_device
+from .components import (
+    CONTROLNET, DENOISER, Component, check_target, conv_share, default_attention_family, find_components, is_pipeline,
+    module_device, module_dtype,
+)
 from .config import RESTORE_ATTENTION_CHOICES, DeepCache, FirstBlockCache, OptimizeConfig, check_choice
 from .report import APPLIED, SKIPPED, UNCHANGED, Report
+from .transforms import Change
 from .transforms import attention as attention_transform
+from .transforms import attention_backend
 from .transforms import cache as cache_transform
 from .transforms.attention import apply_attention
-from .transforms.compile import CUDA_GRAPH_MODES, apply_compile, default_options, is_compiled
+from .transforms.compile import CUDA_GRAPH_MODES, apply_compile, default_options, is_compiled, uses_cuda_graphs
+from .transforms.fuse_projections import ALREADY_FUSED, apply_fuse_projections
 from .transforms.memory_format import apply_memory_format
+from .transforms import quantize as quantize_transform
 
 logger = logging.getLogger(__name__)
 
@@ -39,8 +46,10 @@ class _State:
 
 def _plan_attention(component: Component, config: OptimizeConfig, report: Report) -> List[_Step]:
     family = config.attention
-    if family in ("auto", None):
+    if family is None:
         return []
+    if family not in attention_transform.FAMILIES or attention_backend.dispatcher_layers(component.module):
+        return _plan_attention_backend(component, config, report)
     gate = {"sdpa": capabilities.sdpa, "xformers": capabilities.xformers}.get(family)
     if gate is not None:
         reason = capabilities.require_or_skip(gate(), config.asks_for("attention"), f"attention={family!r}")
@@ -58,6 +67,70 @@ def _plan_attention(component: Component, config: OptimizeConfig, report: Report
     return [_Step(component, "attention", lambda: apply_attention(component.module, family))]
 
 
+def _plan_attention_backend(component: Component, config: OptimizeConfig, report: Report) -> List[_Step]:
+    """A kernel ("flash", "math", ...), flex, sage or "auto"; or any choice on a model with dispatcher layers."""
+    module, name, explicit = component.module, config.attention, config.asks_for("attention")
+    device, dtype = module_device(module), module_dtype(module)
+    prefix = ""
+    if name == "auto":
+        name, card = capabilities.auto_attention(device, dtype)
+        prefix, explicit = f"auto -> {name} ({card}): ", False
+    option = f"attention={config.attention!r}"
+    gates = [capabilities.attention_backend(name, device, dtype)]
+    direct = attention_backend.direct_layers(module)
+    if direct and name in attention_backend.DISPATCHER_ONLY:
+        classes = sorted({type(m.processor).__name__ for _, m in direct})
+        gates.append(capabilities.Gate(
+            f"{name} attention on {component.name}", False, "attention layers on diffusers' attention dispatcher",
+            f"{len(direct)} layers whose {', '.join(classes)} call F.scaled_dot_product_attention themselves",
+        ))
+    # "sdpa" left at its default keeps a backend the user chose on the dispatcher (set_attention_backend, or the
+    # DIFFUSERS_ATTN_BACKEND variable); named, it means diffusers' "native".
+    dispatcher = name in attention_backend.DISPATCHER and (name != "sdpa" or explicit)
+    # "auto" only prefers a kernel: dispatcher layers go to "native" and run under the same preference.
+    prefer = config.attention == "auto" and name in attention_backend.KERNELS
+    routed = attention_backend.dispatcher_layers(module)
+    if dispatcher and routed:
+        parallel = any(getattr(m.processor, "_parallel_config", None) is not None for _, m in routed)
+        target = "native" if prefer else attention_backend.DISPATCHER[name]
+        gates.append(capabilities.dispatcher_backend(target, context_parallel=parallel))
+    for gate in gates:
+        reason = capabilities.require_or_skip(gate, explicit, option)
+        if reason:
+            report.add(component.name, "attention", SKIPPED, prefix + reason)
+            return []
+    family = attention_backend.FAMILY.get(name, "sdpa")
+    missing = attention_transform.missing_classes(family) if direct and name not in attention_backend.DISPATCHER_ONLY else []
+    if missing:
+        reason = f"{option}: diffusers {capabilities.installed_version('diffusers')} lacks {', '.join(missing)}"
+        if explicit:
+            raise capabilities.UnsupportedFeatureError(reason)
+        report.add(component.name, "attention", SKIPPED, prefix + reason)
+        return []
+
+    def apply():
+        change = attention_backend.apply_attention_backend(module, name, prefer=prefer, dispatcher=dispatcher)
+        if not prefix:
+            return change
+        # "auto" always says what it picked, even where that was in place already.
+        return Change(prefix + (change.detail if change else "already in place"), change.undo if change else lambda: None)
+
+    return [_Step(component, "attention", apply)]
+def _plan_fuse_projections(component: Component, config: OptimizeConfig, report: Report) -> List[_Step]:
+    if not config.fuse_projections:
+        return []
+    gate = capabilities.fuse_projections(component.module)
+    if not gate.ok:
+        # Only the denoiser makes a named fuse_projections an error: a VAE decoder or a ControlNet that cannot
+        # fuse is no reason to refuse the rest. A model fused by the user is left alone, as for compile.
+        if config.asks_for("fuse_projections") and component.role == DENOISER and gate.found != ALREADY_FUSED:
+            raise capabilities.UnsupportedFeatureError(f"fuse_projections: {gate.reason}")
+        reason = gate.found if gate.found == ALREADY_FUSED else gate.reason
+        report.add(component.name, "fuse_projections", SKIPPED, reason)
+        return []
+    return [_Step(component, "fuse_projections", lambda: apply_fuse_projections(component.module))]
+
+
 def _plan_memory_format(component: Component, config: OptimizeConfig, report: Report) -> List[_Step]:
     fmt = config.memory_format
     if fmt in ("preserve", None):
@@ -72,6 +145,23 @@ def _plan_memory_format(component: Component, config: OptimizeConfig, report: Re
     return [_Step(component, "memory_format", lambda: apply_memory_format(component.module, fmt))]
 
 
+def _plan_quantize(component: Component, config: OptimizeConfig, report: Report) -> List[_Step]:
+    mode = config.quantize
+    if mode is None or component.role not in (DENOISER, CONTROLNET):
+        return []  # the VAE runs once per image and is conv-bound: 8-bit Linear layers would not pay there
+    gate = capabilities.quantize(mode, module_device(component.module))
+    reason = capabilities.require_or_skip(gate, config.asks_for("quantize"), f"quantize={mode!r}")
+    if reason:
+        report.add(component.name, "quantize", SKIPPED, reason)
+        return []
+    chosen, skipped = quantize_transform.select_layers(component.module, mode)
+    if not chosen:
+        kept = quantize_transform.describe_skipped(skipped) or "it has none"
+        report.add(component.name, "quantize", SKIPPED, f"no Linear layer worth quantizing ({kept})")
+        return []
+    return [_Step(component, "quantize", lambda: quantize_transform.apply_quantize(component.module, mode))]
+
+
 def _plan_compile(component: Component, config: OptimizeConfig, report: Report, cached: bool = False) -> List[_Step]:
     options = _compile_options(component, config, report, cached)
     if options is None:
@@ -81,8 +171,10 @@ def _plan_compile(component: Component, config: OptimizeConfig, report: Report, 
     # the UNet's CUDA graph reads residuals that the ControlNet's next replay has overwritten (seen on an H200).
     # So the first ControlNet of each step marks the step itself; later nets of a MultiControlNet must not,
     # or they would free the residuals of the nets before them.
-    new_step = component.role == CONTROLNET and options.get("mode") in CUDA_GRAPH_MODES and _first_net(component)
-    dynamic_batch = _dynamic_batch(config)
+    new_step = component.role == CONTROLNET and uses_cuda_graphs(options) and _first_net(component)
+    # A batch dimension marked dynamic before the first trace gives one graph for every batch size: a new batch
+    # size re-records CUDA graphs (1.6 s measured on an H200) instead of recompiling (80 s). dynamic=False wins.
+    dynamic_batch = config.dynamic_batch and options.get("dynamic", None) is not False
     return [_Step(component, "compile", lambda: apply_compile(component.module, options, new_step, dynamic_batch))]
 
 
@@ -110,7 +202,7 @@ def _compile_options(component: Component, config: OptimizeConfig, report: Repor
         # and faster, graphs stay off; naming compile={"mode": "reduce-overhead"} turns them on.
         options.pop("mode")
         report.add(component.name, "compile", SKIPPED, "CUDA graphs off: the step cache keeps outputs across replays")
-    return options
+    return attention_backend.compile_options(config.attention, options)
 
 
 def _names_mode(config: OptimizeConfig) -> bool:
@@ -118,8 +210,7 @@ def _names_mode(config: OptimizeConfig) -> bool:
 
 
 def _dynamic_batch(config: OptimizeConfig) -> bool:
-    # A batch dimension marked dynamic before the first trace gives one graph for every batch size: a new batch
-    # size re-records CUDA graphs (1.6 s measured on an H200) instead of recompiling (80 s). dynamic=False wins.
+    """As _plan_compile decides it, for what the step cache compiles or keeps."""
     return config.dynamic_batch and (isinstance(config.compile, bool) or config.compile.get("dynamic", None) is not False)
 
 
@@ -216,15 +307,19 @@ def _plan(target, config: OptimizeConfig, report: Report) -> List[_Step]:
     if not components:
         report.add(type(target).__name__, "-", SKIPPED, "no unet, transformer or controlnet found")
     steps: List[_Step] = []
-    # Fixed order: processors first (compile must trace the final ones), memory format before compile
-    # (compiled graphs specialize on weight strides), then the step cache, compile last. Compile must trace the
-    # cached forward, so that the block wrappers and the clock flag they read become the guards of two graphs
-    # (full step, cached step). In-place compile traces at the first call, when the wrappers are there in either
-    # order; the order still matters for the rest: the compile planner must know which components are cached
-    # (CUDA graphs, dynamic kept features), the first-block cache must wrap blocks that are compiled already
-    # (its hooks capture block.forward; _plan_cache plans both), and the undo list must drop a compiled call
-    # before it removes the wrappers that call traced.
-    for planner in (_plan_attention, _plan_memory_format):
+    # Fixed order: processors first (compile must trace the final ones; fusing swaps some processors for
+    # fused ones, so it follows the attention family), memory format before compile (compiled graphs specialize
+    # on weight strides), quantization before compile (dynamo traces through torchao's weight subclasses, so the
+    # 8-bit matmuls and the activation quantization become part of the graph inductor fuses; quantizing a
+    # compiled module would swap the parameters its graph guards on and recompile, or leave CUDA graphs replaying
+    # the old weights), then the step cache, compile last. Compile must trace the cached forward, so that the
+    # block wrappers and the clock flag they read become the guards of two graphs (full step, cached step).
+    # In-place compile traces at the first call, when the wrappers are there in either order; the order still
+    # matters for the rest: the compile planner must know which components are cached (CUDA graphs, dynamic kept
+    # features), the first-block cache must wrap blocks that are compiled already (its hooks capture
+    # block.forward; _plan_cache plans both), and the undo list must drop a compiled call before it removes the
+    # wrappers that call traced.
+    for planner in (_plan_attention, _plan_fuse_projections, _plan_memory_format, _plan_quantize):
         for component in components:
             steps += planner(component, config, report)
     cache_steps = _plan_cache(target, components, config, report)
@@ -272,9 +367,11 @@ def optimize(target, config: Optional[OptimizeConfig] = None, **options) -> Repo
     """Make a diffusers pipeline (or a bare diffusers model) faster, in place.
 
     Runs, per component (the UNet or transformer, every ControlNet, and the VAE decoder when
-    ``compile_vae=True``): attention processors, then memory format, then ``torch.compile``. Bad options
-    raise before anything is touched; if a step fails, the steps already applied are undone. Calling it
-    again replaces the previous optimization instead of stacking on it.
+    ``compile_vae=True``): attention processors, then fused QKV projections (opt-in), then memory format,
+    then quantization (opt-in, not on the VAE), then ``torch.compile``. Bad options raise before anything is
+    touched; if a step fails, the steps already applied are undone. Calling it again replaces the previous
+    optimization instead of stacking on it. LoRA and IP-Adapter weights may be loaded before or after;
+    ``restore`` keeps them.
 
     Example::
 
@@ -285,7 +382,8 @@ def optimize(target, config: Optional[OptimizeConfig] = None, **options) -> Repo
         diffopt.restore(pipe)                      # back to eager, classic attention processors
 
     Options (see :class:`diffopt.OptimizeConfig`): ``attention``, ``compile``, ``memory_format``,
-    ``compile_vae``, ``cache`` (off by default; see docs/caching.md).
+    ``compile_vae``, ``dynamic_batch``, ``fuse_projections``, ``quantize`` (opt-in: "fp8", "int8" or
+    "int8-weight-only", with torchao), ``cache`` (opt-in step caching; see docs/caching.md).
     """
     config = OptimizeConfig.from_options(config, **options)
     # Dry run first: bad targets and missing features the user named raise here, with nothing touched.
@@ -314,14 +412,30 @@ def optimize(target, config: Optional[OptimizeConfig] = None, **options) -> Repo
         raise
     if state.undo:
         setattr(target, STATE_ATTR, state)
+    _warn_pending_lora_hotswap(steps)
     return report
+
+
+def _warn_pending_lora_hotswap(steps: List[_Step]) -> None:
+    # enable_lora_hotswap() only takes effect when the first LoRA is loaded, and peft refuses to prepare a
+    # compiled model: that load, after optimize, would fail. Say so now, while the fix is one line away.
+    for step in steps:
+        module = step.component.module
+        if step.transform == "compile" and getattr(module, "_prepare_lora_hotswap_kwargs", None) is not None:
+            logger.warning(
+                "diffopt: %s has LoRA hot-swap enabled but no LoRA loaded yet; loading the first LoRA into the "
+                "compiled model will fail. Load it before diffopt.optimize (or restore, load, optimize again).",
+                step.component.name,
+            )
 
 
 def restore(target, attention: str = "default") -> Report:
     """Undo :func:`optimize`: original modules uncompiled, original memory format, and attention on the
     classic processors (``attention="default"``: AttnProcessor, AttnAddedKVProcessor, IPAdapterAttnProcessor,
-    the deterministic, exportable state) or exactly the processors that were there before optimize
-    (``attention="original"``). Safe on a pipeline that was never optimized.
+    the deterministic, exportable state; transformers such as SD3, Flux and PixArt go back to the processors
+    diffusers builds them with) or exactly the processors that were there before optimize
+    (``attention="original"``). Loaded LoRA and IP-Adapter weights stay. Safe on a pipeline that was never
+    optimized.
 
     Example::
 
@@ -341,7 +455,9 @@ def restore(target, attention: str = "default") -> Report:
             delattr(target, STATE_ATTR)
     if attention == "default":
         for component in components:
-            change = apply_attention(component.module, "default")
-            status, detail = (APPLIED, change.detail) if change else (UNCHANGED, "already on the classic processors")
+            family = default_attention_family(component.module)
+            change = apply_attention(component.module, family)
+            where = "the classic processors" if family == "default" else "its default SDPA processors"
+            status, detail = (APPLIED, change.detail) if change else (UNCHANGED, f"already on {where}")
             report.add(component.name, "attention", status, detail)
     return report

@@ -75,8 +75,29 @@ def module_device(module: torch.nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+def module_dtype(module: torch.nn.Module) -> torch.dtype:
+    """The dtype of the first floating-point parameter: what the fused attention kernels are gated on."""
+    for tensor in module.parameters():
+        if tensor.is_floating_point():
+            return tensor.dtype
+    return torch.get_default_dtype()
+
+
 def conv_share(module: torch.nn.Module) -> float:
     """Share of the parameters that sit in 2-D convolutions: what channels_last can speed up."""
     total = sum(p.numel() for p in module.parameters())
     conv = sum(p.numel() for m in module.modules() if isinstance(m, torch.nn.Conv2d) for p in m.parameters(recurse=False))
     return conv / total if total else 0.0
+
+
+def is_transformer(module: torch.nn.Module) -> bool:
+    """A DiT-style model (SD3, Flux, PixArt, Sana, Wan, ...). diffusers builds these on SDPA-family processors
+    (JointAttnProcessor2_0, FluxAttnProcessor, AttnProcessor2_0) and gives them no classic form, so those are
+    the processors ``restore`` puts them back on."""
+    return "Transformer" in type(module).__name__
+
+
+def default_attention_family(module: torch.nn.Module) -> str:
+    """The attention family ``restore(attention="default")`` leaves ``module`` on: the classic processors for
+    UNets, ControlNets and VAEs (the deterministic, exportable state), the freshly built ones for transformers."""
+    return "sdpa" if is_transformer(module) else "default"

@@ -110,6 +110,115 @@ def sd3_inputs(batch=1):
     )
 
 
+def flux_transformer():
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(0)
+    # in_channels = 4 latent channels x a 2x2 patch: Flux packs latents before the transformer.
+    return FluxTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=8, num_attention_heads=2,
+        joint_attention_dim=CROSS_DIM, pooled_projection_dim=16, axes_dims_rope=(2, 2, 4),
+    ).eval()
+
+
+def pixart_transformer():
+    from diffusers import PixArtTransformer2DModel
+
+    torch.manual_seed(0)
+    return PixArtTransformer2DModel(
+        sample_size=SAMPLE, num_layers=2, patch_size=2, attention_head_dim=8, num_attention_heads=2,
+        caption_channels=CROSS_DIM, in_channels=4, cross_attention_dim=16, out_channels=8, attention_bias=True,
+        activation_fn="gelu-approximate", num_embeds_ada_norm=1000, norm_type="ada_norm_single",
+        norm_elementwise_affine=False, norm_eps=1e-6,
+    ).eval()
+
+
+def transformer_inputs(model, batch=1):
+    """Direct inputs for the tiny SD3, Flux and PixArt transformers above (for model-level tests)."""
+    from diffusers import FluxTransformer2DModel, PixArtTransformer2DModel
+
+    if not isinstance(model, (FluxTransformer2DModel, PixArtTransformer2DModel)):
+        return sd3_inputs(batch)
+    g = torch.Generator().manual_seed(0)
+    text = torch.randn(batch, 7, CROSS_DIM, generator=g)
+    timestep = torch.tensor([500] * batch)
+    if isinstance(model, PixArtTransformer2DModel):
+        return dict(
+            hidden_states=torch.randn(batch, 4, SAMPLE, SAMPLE, generator=g), encoder_hidden_states=text,
+            timestep=timestep, added_cond_kwargs={"resolution": None, "aspect_ratio": None},
+        )
+    side = SAMPLE // 2  # packed: 2x2 latent patches per token
+    ids = torch.stack(torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij"), -1).reshape(-1, 2)
+    return dict(
+        hidden_states=torch.randn(batch, side * side, 16, generator=g), encoder_hidden_states=text,
+        pooled_projections=torch.randn(batch, 16, generator=g), timestep=timestep / 1000,
+        img_ids=torch.cat([torch.zeros(side * side, 1), ids.float()], dim=1), txt_ids=torch.zeros(7, 3),
+    )
+
+
+def sd3_pipeline():
+    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+
+    no_text = {f"{kind}{suffix}": None for kind in ("text_encoder", "tokenizer") for suffix in ("", "_2", "_3")}
+    pipe = StableDiffusion3Pipeline(
+        transformer=sd3_transformer(), scheduler=FlowMatchEulerDiscreteScheduler(), vae=tiny_vae(), **no_text
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def flux_pipeline():
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+
+    pipe = FluxPipeline(
+        transformer=flux_transformer(), scheduler=FlowMatchEulerDiscreteScheduler(), vae=tiny_vae(),
+        text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def pixart_pipeline():
+    from diffusers import DPMSolverMultistepScheduler, PixArtSigmaPipeline
+
+    pipe = PixArtSigmaPipeline(
+        transformer=pixart_transformer(), scheduler=DPMSolverMultistepScheduler(), vae=tiny_vae(),
+        text_encoder=None, tokenizer=None,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def run_transformer_pipeline(pipe, steps=2):
+    """One seeded generation of the tiny SD3, Flux or PixArt-Sigma pipeline from random (pooled) prompt
+    embeddings; returns the latents (Flux's packed)."""
+    from diffusers import FluxPipeline, PixArtSigmaPipeline, StableDiffusion3Pipeline
+
+    g = torch.Generator().manual_seed(0)
+    embeds = lambda *shape: torch.randn(*shape, generator=g)  # noqa: E731
+    common = dict(
+        num_inference_steps=steps, height=SAMPLE * 2, width=SAMPLE * 2, output_type="latent",
+        generator=torch.Generator().manual_seed(1),
+    )
+    if isinstance(pipe, StableDiffusion3Pipeline):
+        extra = dict(
+            prompt_embeds=embeds(1, 7, CROSS_DIM), negative_prompt_embeds=embeds(1, 7, CROSS_DIM),
+            pooled_prompt_embeds=embeds(1, 16), negative_pooled_prompt_embeds=embeds(1, 16),
+        )
+    elif isinstance(pipe, FluxPipeline):
+        extra = dict(prompt_embeds=embeds(1, 7, CROSS_DIM), pooled_prompt_embeds=embeds(1, 16))
+    elif isinstance(pipe, PixArtSigmaPipeline):
+        extra = dict(
+            prompt_embeds=embeds(1, 7, CROSS_DIM), prompt_attention_mask=torch.ones(1, 7),
+            negative_prompt=None, negative_prompt_embeds=embeds(1, 7, CROSS_DIM),
+            negative_prompt_attention_mask=torch.ones(1, 7), use_resolution_binning=False,
+        )
+    else:
+        raise TypeError(f"not a tiny transformer pipeline: {type(pipe).__name__}")
+    with torch.inference_mode():
+        return pipe(**extra, **common).images
+
+
 def unet_inputs(unet, batch=1):
     """Direct UNet inputs matching the tiny builders above (for model-level tests)."""
     g = torch.Generator().manual_seed(0)
@@ -128,6 +237,9 @@ def unet_inputs(unet, batch=1):
 def run_pipeline(pipe, steps=2):
     """One seeded generation for any of the tiny pipelines; returns latents (or IF's pixels)."""
     from diffusers import IFPipeline, StableDiffusionXLPipeline
+
+    if hasattr(pipe, "transformer"):
+        return run_transformer_pipeline(pipe, steps)
 
     if isinstance(pipe, IFPipeline):
         g = torch.Generator().manual_seed(0)

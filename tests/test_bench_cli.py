@@ -44,7 +44,11 @@ def test_good_values_parse():
     recipe_list = "sdpa,diffopt:compile=False,attention=sdpa"
     argv = ["bench", "--pipelines", "all", "--batch-sizes", "1,4", "--recipes", recipe_list]
     args = build_parser().parse_args(argv)
-    assert args.pipelines == ["sd-txt2img", "sd-img2img", "sd-inpaint", "sd-controlnet", "if", "sdxl"]
+    assert args.pipelines == ["sd-txt2img", "sd-img2img", "sd-inpaint", "sd-controlnet", "if", "sdxl"] + [
+        "sd3-medium", "flux-dev", "flux-schnell"
+    ]
+    # Without --pipelines: the seed page's six, not the (much larger) transformer pipelines.
+    assert build_parser().parse_args(["bench"]).pipelines == args.pipelines[:6]
     assert args.batch_sizes == [1, 4]
     assert args.recipes == ["sdpa", "diffopt:compile=False,attention=sdpa"]
     assert recipes.resolve(args.recipes[1]).options == {"compile": False, "attention": "sdpa"}
@@ -61,7 +65,31 @@ def test_presets_resolve_to_their_spec_and_compile_flag():
     recipe = recipes.resolve("diffopt-nocompile")
     assert recipe.name == "diffopt-nocompile" and recipe.options == {"compile": False} and not recipe.compiles
     assert recipes.resolve("seed").compiles and recipes.resolve("diffopt").compiles
+    assert recipes.resolve("compile").compiles
     assert not recipes.resolve("sdpa").compiles
+
+
+@pytest.mark.parametrize("name, denoiser", [("flux-schnell", "transformer"), ("sd-controlnet", "unet")])
+def test_compile_recipe_wraps_only_the_denoiser_in_plain_torch_compile(name, denoiser):
+    from diffopt.bench.pipelines import build_case
+
+    torch.compiler.reset()
+    pipe = build_case(name, size="tiny").stages[0].pipe
+    recipes.resolve("compile").apply(pipe)  # lazy: nothing compiles until the first call
+    module = getattr(pipe, denoiser)
+    assert isinstance(module, torch._dynamo.eval_frame.OptimizedModule)
+    assert not isinstance(getattr(pipe, "controlnet", None), torch._dynamo.eval_frame.OptimizedModule)
+    if denoiser == "unet":  # plain: the weights keep their layout
+        assert module._orig_mod.conv_in.weight.is_contiguous()
+    torch.compiler.reset()
+
+
+def test_classic_recipe_names_the_transformer_it_cannot_run():
+    from diffopt.bench.pipelines import build_case
+
+    pipe = build_case("sd3-medium", size="tiny").stages[0].pipe
+    with pytest.raises(ValueError, match="classic: SD3Transformer2DModel has no pre-SDPA attention processors"):
+        recipes.resolve("classic").apply(pipe)
 
 
 def test_seed_recipe_wraps_the_denoisers_in_torch_compile_without_compiling_yet():

@@ -15,6 +15,9 @@ PUBLIC = {
     "x4-upscaler-unet": (473.40e6, 0.001),
     "if-i-m-unet": (400e6, 0.10),  # model card: "400M"
     "if-ii-m-unet": (450e6, 0.10),  # model card: "450M"
+    "sd3-medium-transformer": (2.03e9, 0.005),  # the Hub's 2.03B for the transformer ("2B" on the card)
+    "flux-dev-transformer": (11.9e9, 0.005),  # the Hub's 11.9B ("12B" on the card)
+    "flux-schnell-transformer": (11.9e9, 0.005),
 }
 
 
@@ -62,6 +65,26 @@ def test_tiny_config_keeps_the_structure_of_the_full_one(name):
     assert set(tiny_blocks) <= set(full_blocks)
     assert (tiny_mid, tiny_extra, tiny_in) == (full_mid, full_extra, full_in)
     assert parameter_count(tiny) < 2e6
+
+
+TRANSFORMERS = [name for name, entry in MODELS.items() if "Transformer" in entry.class_name]
+
+
+@pytest.mark.parametrize("name", TRANSFORMERS)
+def test_tiny_transformers_keep_every_module_type_of_the_full_one(name):
+    # Joint and single-stream blocks, the guidance embedder (Flux dev only), norms, rotary embeddings, ...
+    full = build_model(name, "full", device="meta")
+    tiny = build_model(name, "tiny")
+    assert {type(m).__name__ for m in tiny.modules()} == {type(m).__name__ for m in full.modules()}
+    assert tiny.config.in_channels == full.config.in_channels
+    assert tiny.config.get("guidance_embeds") == full.config.get("guidance_embeds")
+
+
+def test_flux_dev_and_schnell_differ_only_by_the_guidance_embedder():
+    dev, schnell = (build_model(f"flux-{v}-transformer", device="meta") for v in ("dev", "schnell"))
+    extra = {k for k, _ in dev.named_parameters()} - {k for k, _ in schnell.named_parameters()}
+    assert extra and all(".guidance_embedder." in k for k in extra)
+    assert {k for k, _ in schnell.named_parameters()} <= {k for k, _ in dev.named_parameters()}
 
 
 def test_if_unets_use_added_kv_attention_and_the_x4_unet_cross_attention_only():

@@ -27,7 +27,7 @@ def test_tiny_pipeline_runs_one_step_end_to_end(name):
         assert torch.equal(first, again), "same seed and inputs must give the same output"
         images = stage.call(batch, "pil")
         assert len(images) == batch and images[0].size[0] > 0
-        assert "unet" in stage.denoisers()
+        assert {"unet", "transformer"} & set(stage.denoisers())
 
 
 def test_if_is_three_stages_and_only_stage_one_is_batched():
@@ -59,6 +59,33 @@ def test_probe_counts_the_steps_img2img_really_runs_and_the_flops():
     (stage,) = reference.stages
     assert stage.steps == 4  # default strength 0.8 of 5 steps
     assert stage.flops_per_step > 0 and stage.output is not None
+
+
+@pytest.mark.parametrize("name, negative", [("sd3-medium", True), ("flux-dev", False), ("flux-schnell", False)])
+def test_transformer_pipelines_feed_their_architectures_prompt_embeddings(name, negative):
+    case = build_case(name, size="tiny", steps=2)
+    seen = []
+    transformer = case.stages[0].denoisers()["transformer"]
+    handle = transformer.register_forward_pre_hook(lambda m, a, k: seen.append(k), with_kwargs=True)
+    try:
+        case.stages[0].call(2, "latent")
+    finally:
+        handle.remove()
+    config = transformer.config
+    assert len(seen) == 2  # one transformer call per step
+    text, pooled = seen[0]["encoder_hidden_states"], seen[0]["pooled_projections"]
+    # Classifier-free guidance (SD3) doubles the batch; guidance-distilled Flux does not.
+    assert text.shape[0] == pooled.shape[0] == (4 if negative else 2)
+    assert (text.shape[-1], pooled.shape[-1]) == (config.joint_attention_dim, config.pooled_projection_dim)
+    assert ("guidance" in seen[0] and seen[0]["guidance"] is not None) == bool(config.get("guidance_embeds"))
+
+
+def test_probe_counts_the_transformer_calls_and_flops():
+    settings = CellSettings(size="tiny", device=torch.device("cpu"), dtype=torch.float32, steps=3)
+    (reference,) = probe("flux-schnell", [1], settings)
+    assert reference.error is None
+    (stage,) = reference.stages
+    assert stage.steps == 3 and stage.flops_per_step > 0
 
 
 def test_unknown_pipeline_names_the_choices():

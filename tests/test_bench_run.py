@@ -68,6 +68,7 @@ def test_every_cell_is_measured_or_records_its_failure(run):
                 assert stage.steps == 1 and stage.steps_per_s == pytest.approx(1 / stage.median_s)
                 assert len(stage.times_s) == 2 and stage.flops_per_step > 0
                 assert stage.relative_l2 == pytest.approx(0.0, abs=1e-6)  # same build, same seed as the reference
+                assert stage.psnr_db > 60  # decoded images: the same pixels, or within a rounding of them
             # Classic attention computes the same function: small but nonzero difference.
             assert all(0 < stage.relative_l2 < 1e-3 for stage in classic.stages)
             broken = _cell(run, pipeline, batch_size, "broken")

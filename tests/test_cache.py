@@ -10,7 +10,9 @@ import inspect
 
 import pytest
 import torch
-from conftest import CROSS_DIM, rel_l2, run_pipeline, run_sd, sd_pipeline, tiny_controlnet, tiny_unet, tiny_vae, unet_inputs
+from conftest import (
+    CROSS_DIM, rel_l2, run_pipeline, run_sd, sd3_pipeline, sd_pipeline, tiny_controlnet, tiny_unet, tiny_vae, unet_inputs,
+)
 from test_roundtrip import PIPELINES as ROUNDTRIP_PIPELINES
 from test_roundtrip import assert_same, snapshot
 
@@ -40,6 +42,7 @@ def live_controlnet():
 
 
 def flux_pipeline():
+    """conftest's tiny Flux has one block of each kind; two single blocks show that blocks of a class share a graph."""
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 
     torch.manual_seed(0)
@@ -332,16 +335,6 @@ def test_auto_picks_per_denoiser_and_skips_what_does_not_fit():
         diffopt.optimize(sd3, cache="first_block", **EAGER)
 
 
-def sd3_pipeline():
-    from conftest import sd3_transformer
-    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
-
-    none = dict.fromkeys(["text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "text_encoder_3", "tokenizer_3"])
-    return StableDiffusion3Pipeline(
-        transformer=sd3_transformer(), scheduler=FlowMatchEulerDiscreteScheduler(), vae=tiny_vae(), **none
-    )
-
-
 # --- restore and bad input --------------------------------------------------------------------------------------
 
 
@@ -441,7 +434,8 @@ def test_compile_traces_a_full_and_a_cached_graph_per_module_and_never_recompile
     diffopt.optimize(pipe, cache="deepcache", **EAGER)
     eager = run_pipeline(pipe, steps=STEPS)
     backend = GraphCounter()
-    diffopt.optimize(pipe, cache="deepcache", **{**EAGER, "compile": {"backend": backend}})  # fullgraph: no break
+    # fullgraph (diffopt's default): no graph break; dynamic_batch: one graph for every batch size.
+    diffopt.optimize(pipe, cache="deepcache", dynamic_batch=True, **{**EAGER, "compile": {"backend": backend}})
     warm = run_pipeline(pipe, steps=STEPS)
     # UNet and ControlNet: one graph for full steps, one for cached steps, each traced once.
     assert len(backend.graphs) == 4
@@ -480,7 +474,9 @@ def test_first_block_cache_compiles_block_by_block_without_recompiles():
     diffopt.optimize(pipe, cache=diffopt.FirstBlockCache(threshold=FBC_THRESHOLD), **EAGER)
     eager = run_flux(pipe, batch=2)  # batch 1 would be specialized (dynamo's 0/1 rule); 2 onwards share a graph
     diffopt.restore(pipe, attention="original")
-    report = diffopt.optimize(pipe, cache=diffopt.FirstBlockCache(threshold=FBC_THRESHOLD), compile={"backend": "eager"})
+    report = diffopt.optimize(
+        pipe, cache=diffopt.FirstBlockCache(threshold=FBC_THRESHOLD), compile={"backend": "eager"}, dynamic_batch=True
+    )
     (compile_step,) = [s for s in report.applied if s.transform == "compile"]
     assert "each of 3 blocks" in compile_step.detail
     assert "_compiled_call_impl" not in vars(pipe.transformer)  # the decision between blocks stays eager

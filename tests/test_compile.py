@@ -1,7 +1,10 @@
 """Compile for real (inductor on the CPU): fidelity against eager, and no recompiles once warm."""
 import pytest
 import torch
-from conftest import rel_l2, run_pipeline, sd3_inputs, sd3_transformer, sd_pipeline, tiny_controlnet, tiny_unet, unet_inputs
+from conftest import (
+    flux_transformer, pixart_transformer, rel_l2, run_pipeline, sd3_transformer, sd_pipeline, tiny_controlnet,
+    tiny_unet, transformer_inputs, unet_inputs,
+)
 
 import diffopt
 
@@ -33,15 +36,20 @@ def test_controlnet_pipeline_compiles_both_networks():
     assert torch.equal(run_pipeline(pipe), run_pipeline(pipe))
 
 
-def test_sd3_transformer_inductor_matches_eager():
-    model = sd3_transformer()
-    inputs = sd3_inputs(batch=2)
+@pytest.mark.parametrize("build", [sd3_transformer, flux_transformer, pixart_transformer], ids=["sd3", "flux", "pixart"])
+def test_transformer_inductor_matches_eager_and_does_not_recompile(build):
+    model = build()
+    inputs = transformer_inputs(model, batch=2)
     with torch.no_grad():
         eager = model(**inputs).sample
     diffopt.optimize(model)
     with torch.no_grad():
         assert rel_l2(model(**inputs).sample, eager) < 1e-4
+        # Same shapes, another timestep: the graph must be reused.
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            model(**dict(inputs, timestep=inputs["timestep"] * 3 // 4))
     diffopt.restore(model)
+    assert "_compiled_call_impl" not in vars(model)
 
 
 def test_one_graph_serves_every_batch_size():
@@ -50,7 +58,7 @@ def test_one_graph_serves_every_batch_size():
     with torch.no_grad():
         for batch in (2, 4, 3):
             eager[batch] = unet(**unet_inputs(unet, batch)).sample
-    diffopt.optimize(unet)
+    assert "dynamic batch" in str(diffopt.optimize(unet, dynamic_batch=True))
     with torch.no_grad():
         assert rel_l2(unet(**unet_inputs(unet, 2)).sample, eager[2]) < 1e-4
         with torch._dynamo.config.patch(error_on_recompile=True):
@@ -59,9 +67,9 @@ def test_one_graph_serves_every_batch_size():
     diffopt.restore(unet)
 
 
-def test_dynamic_batch_false_specializes_on_the_batch_size():
+def test_by_default_a_new_batch_size_recompiles():
     unet = tiny_unet()
-    diffopt.optimize(unet, compile={"backend": "aot_eager"}, dynamic_batch=False)
+    diffopt.optimize(unet, compile={"backend": "aot_eager"})
     with torch.no_grad():
         unet(**unet_inputs(unet, 2))
         with torch._dynamo.config.patch(error_on_recompile=True), pytest.raises(Exception, match="[Rr]ecompil"):

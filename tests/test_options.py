@@ -72,7 +72,7 @@ def test_gates_skip_defaults_and_raise_when_named(monkeypatch, pipe, package, ve
     fake_versions(monkeypatch, **{package: version})
     before = snapshot(pipe)
     # Left at its default: skipped, with the versions in the reason.
-    report = diffopt.optimize(pipe, **({} if option == "attention" else {"attention": "auto"}))
+    report = diffopt.optimize(pipe, **({} if option == "attention" else {"attention": None}))
     (skip,) = [s for s in report.skipped if s.transform == option]
     assert f"{package} {version}" in skip.detail and ">=" in skip.detail
     diffopt.restore(pipe, attention="original")

@@ -23,7 +23,8 @@ PIPELINES = {
 
 
 def modules_of(pipe):
-    return {name: getattr(pipe, name) for name in ("unet", "controlnet", "vae") if getattr(pipe, name, None) is not None}
+    names = ("unet", "transformer", "controlnet", "vae")
+    return {name: getattr(pipe, name) for name in names if getattr(pipe, name, None) is not None}
 
 
 def snapshot(pipe):
@@ -35,6 +36,7 @@ def snapshot(pipe):
         snap[f"{name}.strides"] = {k: v.stride() for k, v in module.state_dict().items()}
         snap[f"{name}.params"] = [id(p) for p in module.parameters()]
         snap[f"{name}.attrs"] = {n: set(vars(m)) for n, m in module.named_modules()}
+        snap[f"{name}.hooks"] = {n: (len(m._forward_pre_hooks), len(m._forward_hooks)) for n, m in module.named_modules()}
         snap[f"{name}.processors"] = {
             n: type(m.processor) for n, m in module.named_modules() if hasattr(m, "set_processor")
         }

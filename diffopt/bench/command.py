@@ -11,7 +11,7 @@ import argparse
 import os
 from typing import Callable
 
-from diffopt.bench.pipelines import PIPELINES
+from diffopt.bench.pipelines import PIPELINES, SEED_PIPELINES
 from diffopt.bench.recipes import resolve, split_specs
 from diffopt.bench.runner import DEFAULT_RECIPES, DTYPES, BenchSettings, load_run, merge_runs, run_benchmark
 
@@ -80,16 +80,19 @@ def _results(text: str) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:  # fmt: skip
-    parser.add_argument("--pipelines", type=_pipelines, default=list(PIPELINES),
-                        help=f"comma-separated, or 'all' (default): {','.join(PIPELINES)}")
+    parser.add_argument("--pipelines", type=_pipelines, default=list(SEED_PIPELINES),
+                        help=f"comma-separated, or 'all': {','.join(PIPELINES)} "
+                             f"(default: the seed page's {','.join(SEED_PIPELINES)})")
     parser.add_argument("--batch-sizes", type=_comma_list(_positive_int), default=None,
                         help="comma-separated (default: 1,4 on CUDA, 1 on CPU)")
     parser.add_argument("--recipes", type=_recipes, default=None,
-                        help="comma-separated recipe specs: classic, sdpa, seed, diffopt, diffopt:key=value,... "
+                        help="comma-separated recipe specs: classic, sdpa, seed, compile, diffopt, "
+                             "diffopt:key=value,... "
                              f"or a preset (default: {','.join(DEFAULT_RECIPES['cuda'])} on CUDA, "
                              f"{','.join(DEFAULT_RECIPES['cpu'])} on CPU)")
     parser.add_argument("--steps", type=_positive_int, default=None,
-                        help="denoising steps of every stage (default: SD 50, SDXL 30, IF 100/50/75; tiny: 3)")
+                        help="denoising steps of every stage (default: SD 50, SDXL 30, IF 100/50/75, SD3 and "
+                             "Flux dev 28, Flux schnell 4; tiny: 3)")
     parser.add_argument("--height", type=_positive_int, default=None, help="image height (IF: of stage I)")
     parser.add_argument("--width", type=_positive_int, default=None, help="image width (default: --height)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: fp16 on CUDA, fp32 on CPU")

@@ -7,20 +7,25 @@ channels so that a CPU runs a whole pipeline in well under a second.
 
 Parameter counts of the full configs (``tests/test_bench_configs.py`` checks them on the meta device):
 
-=====================  =============  ================================================
-model                  parameters     public figure
-=====================  =============  ================================================
-sd15-unet              859,520,964    SD1.5 UNet, 859.52M
-sd15-inpaint-unet      859,535,364    SD1.5 inpainting UNet (9 input channels)
-sd15-controlnet        361,279,120    sd-controlnet-canny, 361M
-sd15-vae                83,653,863    SD VAE, 83.65M
-sdxl-unet            2,567,463,684    SDXL base UNet, 2.567B
-sdxl-vae                83,653,863    SDXL VAE (same shapes as SD's)
-if-i-m-unet            371,605,830    IF-I-M, "400M" on the model card
-if-ii-m-unet           482,483,334    IF-II-M, "450M" on the model card
-x4-upscaler-unet       473,398,020    stable-diffusion-x4-upscaler UNet
-x4-upscaler-vae         55,325,927    stable-diffusion-x4-upscaler VAE (3 blocks)
-=====================  =============  ================================================
+========================  ==============  ================================================
+model                         parameters  public figure
+========================  ==============  ================================================
+sd15-unet                    859,520,964  SD1.5 UNet, 859.52M
+sd15-inpaint-unet            859,535,364  SD1.5 inpainting UNet (9 input channels)
+sd15-controlnet              361,279,120  sd-controlnet-canny, 361M
+sd15-vae                      83,653,863  SD VAE, 83.65M
+sdxl-unet                  2,567,463,684  SDXL base UNet, 2.567B
+sdxl-vae                      83,653,863  SDXL VAE (same shapes as SD's)
+if-i-m-unet                  371,605,830  IF-I-M, "400M" on the model card
+if-ii-m-unet                 482,483,334  IF-II-M, "450M" on the model card
+x4-upscaler-unet             473,398,020  stable-diffusion-x4-upscaler UNet
+x4-upscaler-vae               55,325,927  stable-diffusion-x4-upscaler VAE (3 blocks)
+sd3-medium-transformer     2,028,328,000  SD3 Medium MMDiT, "2B" (2.03B on the Hub)
+sd3-vae                       83,819,683  SD3 VAE (16 latent channels, no quant convs)
+flux-dev-transformer      11,901,408,320  FLUX.1 [dev], "12B" (11.9B on the Hub)
+flux-schnell-transformer  11,891,178,560  FLUX.1 [schnell]: dev without the guidance embedder
+flux-vae                      83,819,683  FLUX.1 VAE (SD3's shapes, other scale and shift)
+========================  ==============  ================================================
 
 The IF configs follow the public IF-I-XL and IF-II-L ``config.json`` files (block types, attention, scale
 factors, per-block layer counts) at the M widths: IF-I-M is the ADM-64 width 192 (IF-I-XL is 704, IF-I-L
@@ -224,6 +229,76 @@ X4_VAE = _vae([128, 256, 512], sample_size=256, scaling_factor=0.08333)
 TINY_X4_VAE = _vae([32, 32, 64], sample_size=256, scaling_factor=0.08333)
 
 
+# --- Transformers: SD3 Medium and Flux.1 (stabilityai/stable-diffusion-3-medium-diffusers and ----------
+# black-forest-labs/FLUX.1-{dev,schnell} config.json files). Their VAE is SD's with 16 latent channels and
+# no quant convs; the shift/scale factors are what the pipelines read.
+SD3_MEDIUM_TRANSFORMER = dict(
+    sample_size=128,
+    patch_size=2,
+    in_channels=16,
+    num_layers=24,
+    attention_head_dim=64,
+    num_attention_heads=24,
+    joint_attention_dim=4096,  # T5-XXL width (CLIP-L + CLIP-G embeddings are padded to it)
+    caption_projection_dim=1536,
+    pooled_projection_dim=2048,  # CLIP-L (768) + CLIP-G (1280) pooled
+    out_channels=16,
+    pos_embed_max_size=192,
+)
+TINY_SD3_TRANSFORMER = dict(
+    SD3_MEDIUM_TRANSFORMER,
+    sample_size=16,
+    num_layers=2,
+    attention_head_dim=8,
+    num_attention_heads=2,
+    joint_attention_dim=32,
+    caption_projection_dim=16,
+    pooled_projection_dim=16,
+    pos_embed_max_size=32,
+)
+FLUX_DEV_TRANSFORMER = dict(
+    patch_size=1,
+    in_channels=64,  # 16 latent channels x a 2x2 patch: the pipeline packs latents before the transformer
+    num_layers=19,
+    num_single_layers=38,
+    attention_head_dim=128,
+    num_attention_heads=24,
+    joint_attention_dim=4096,
+    pooled_projection_dim=768,
+    guidance_embeds=True,  # dev is guidance-distilled: the guidance scale is an input, no CFG batch
+    axes_dims_rope=[16, 56, 56],
+)
+TINY_FLUX_DEV_TRANSFORMER = dict(
+    FLUX_DEV_TRANSFORMER,
+    num_layers=1,
+    num_single_layers=2,
+    attention_head_dim=16,
+    num_attention_heads=2,
+    joint_attention_dim=32,
+    pooled_projection_dim=16,
+    axes_dims_rope=[4, 6, 6],
+)
+# schnell is timestep-distilled from the same architecture, without the guidance embedder.
+FLUX_SCHNELL_TRANSFORMER = dict(FLUX_DEV_TRANSFORMER, guidance_embeds=False)
+TINY_FLUX_SCHNELL_TRANSFORMER = dict(TINY_FLUX_DEV_TRANSFORMER, guidance_embeds=False)
+
+
+def _vae16(block_out_channels, sample_size, scaling_factor, shift_factor):
+    return dict(
+        _vae(block_out_channels, sample_size, scaling_factor),
+        latent_channels=16,
+        shift_factor=shift_factor,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+    )
+
+
+SD3_VAE = _vae16([128, 256, 512, 512], sample_size=1024, scaling_factor=1.5305, shift_factor=0.0609)
+TINY_SD3_VAE = _vae16([32, 64], sample_size=64, scaling_factor=1.5305, shift_factor=0.0609)
+FLUX_VAE = _vae16([128, 256, 512, 512], sample_size=1024, scaling_factor=0.3611, shift_factor=0.1159)
+TINY_FLUX_VAE = _vae16([32, 64], sample_size=64, scaling_factor=0.3611, shift_factor=0.1159)
+
+
 MODELS: dict[str, ModelConfig] = {
     "sd15-unet": ModelConfig("UNet2DConditionModel", SD15_UNET, TINY_SD15_UNET),
     "sd15-inpaint-unet": ModelConfig(
@@ -237,6 +312,13 @@ MODELS: dict[str, ModelConfig] = {
     "if-ii-m-unet": ModelConfig("UNet2DConditionModel", IF_II_M_UNET, TINY_IF_II_UNET),
     "x4-upscaler-unet": ModelConfig("UNet2DConditionModel", X4_UNET, TINY_X4_UNET),
     "x4-upscaler-vae": ModelConfig("AutoencoderKL", X4_VAE, TINY_X4_VAE),
+    "sd3-medium-transformer": ModelConfig("SD3Transformer2DModel", SD3_MEDIUM_TRANSFORMER, TINY_SD3_TRANSFORMER),
+    "sd3-vae": ModelConfig("AutoencoderKL", SD3_VAE, TINY_SD3_VAE),
+    "flux-dev-transformer": ModelConfig("FluxTransformer2DModel", FLUX_DEV_TRANSFORMER, TINY_FLUX_DEV_TRANSFORMER),
+    "flux-schnell-transformer": ModelConfig(
+        "FluxTransformer2DModel", FLUX_SCHNELL_TRANSFORMER, TINY_FLUX_SCHNELL_TRANSFORMER
+    ),
+    "flux-vae": ModelConfig("AutoencoderKL", FLUX_VAE, TINY_FLUX_VAE),
 }
 
 SIZES = ("full", "tiny")

@@ -11,9 +11,9 @@ Method, the same as /work/shared/anchors/bench_anchor.py so that numbers compare
 
 The reference (:func:`probe`) is an eager pipeline with diffusers' defaults, run once per pipeline x batch size:
 it counts the steps the pipeline really runs (img2img runs ``strength`` x steps), counts the FLOPs of one step
-of the denoisers with ``torch.utils.flop_counter`` and keeps the output every recipe's output is compared with.
-With ``decode=True`` (a recipe caches steps) it also keeps the decoded image of one more call, and every cell
-reports the PSNR and SSIM of its end-to-end call's image against it (:mod:`diffopt.bench.quality`).
+of the denoisers with ``torch.utils.flop_counter`` and keeps the output every recipe's output is compared with
+(relative L2 of the timed calls' output), plus one more call's decoded images for the PSNR and SSIM of each
+recipe's decode call (:mod:`diffopt.bench.image_quality`).
 """
 from __future__ import annotations
 
@@ -26,8 +26,8 @@ from typing import Any, Optional
 import torch
 
 from diffopt.bench.env import OutOfMemoryError, free_memory, peak_memory_bytes, reset_peak_memory, sync
+from diffopt.bench.image_quality import pixels, psnr, ssim
 from diffopt.bench.pipelines import BenchCase, Stage, build_case
-from diffopt.bench.quality import compare, to_tensor
 from diffopt.bench.recipes import Recipe
 
 
@@ -37,7 +37,7 @@ class StageReference:
     steps: int
     flops_per_step: Optional[float]
     output: Any = field(default=None, repr=False)  # CPU float32 tensor; not written to results.json
-    image: Any = field(default=None, repr=False)  # decoded image, (N, 3, H, W) in [0, 1]; not written either
+    image: Any = field(default=None, repr=False)  # decoded uint8 pixels (N, H, W, C); not written either
 
 
 @dataclass
@@ -61,8 +61,8 @@ class StageResult:
     flops_per_step: Optional[float] = None
     mfu: Optional[float] = None
     relative_l2: Optional[float] = None
-    psnr_db: Optional[float] = None  # of the decoded image against the reference's; inf when identical
-    ssim: Optional[float] = None
+    psnr_db: Optional[float] = None  # decoded images against the reference's; inf when identical
+    ssim: Optional[float] = None  # the same images' structural similarity; 1.0 when identical
 
 
 @dataclass
@@ -142,7 +142,7 @@ def _count_flops(module: torch.nn.Module, args, kwargs) -> float:
     return float(counter.get_total_flops())
 
 
-def _probe_stage(stage: Stage, batch_size: int, device: torch.device, decode: bool = False) -> StageReference:
+def _probe_stage(stage: Stage, batch_size: int, device: torch.device) -> StageReference:
     calls: dict[str, int] = {}
     first_inputs: dict[str, tuple] = {}
     denoisers = stage.denoisers()
@@ -163,18 +163,19 @@ def _probe_stage(stage: Stage, batch_size: int, device: torch.device, decode: bo
     finally:
         for handle in handles:
             handle.remove()
-    # Classifier-free guidance runs the UNet once per step on the doubled batch, so UNet calls = steps.
-    steps = calls.get("unet", stage.steps)
+    # One more eager call, decoded: what PSNR compares each recipe's decoded images with.
+    _, decoded = _timed(stage, _batch(stage, batch_size), "pil", device)
+    # Classifier-free guidance runs the UNet (or transformer) once per step on the doubled batch, so its
+    # calls = steps.
+    steps = calls.get("unet", calls.get("transformer", stage.steps))
     flops = sum(
         _count_flops(module, *first_inputs[name]) for name, module in denoisers.items() if name in first_inputs
     )
-    image = to_tensor(_timed(stage, _batch(stage, batch_size), "pil", device)[1]) if decode else None
-    return StageReference(stage.label, steps, flops or None, _to_cpu(output), image)
+    return StageReference(stage.label, steps, flops or None, _to_cpu(output), pixels(decoded))
 
 
-def probe(pipeline: str, batch_sizes: list[int], settings: CellSettings, decode: bool = False) -> list[Reference]:
-    """The eager reference of ``pipeline`` for each batch size; errors are recorded, never raised. ``decode``
-    also keeps each stage's decoded image, for the PSNR/SSIM of the cells."""
+def probe(pipeline: str, batch_sizes: list[int], settings: CellSettings) -> list[Reference]:
+    """The eager reference of ``pipeline`` for each batch size; errors are recorded, never raised."""
     free_memory(settings.device)
     references = [Reference(pipeline, batch_size) for batch_size in batch_sizes]
     case = None
@@ -183,7 +184,7 @@ def probe(pipeline: str, batch_sizes: list[int], settings: CellSettings, decode:
         for reference in references:
             try:
                 for stage in case.stages:
-                    reference.stages.append(_probe_stage(stage, reference.batch_size, settings.device, decode))
+                    reference.stages.append(_probe_stage(stage, reference.batch_size, settings.device))
             except Exception as error:  # noqa: BLE001 - an OOM at batch 16 must not lose batch 1
                 reference.error = _describe(error, "reference call")
                 free_memory(settings.device)
@@ -259,11 +260,9 @@ def _measure_stage(stage, batch_size, settings: CellSettings, reference: Optiona
         seconds, output = _timed(stage, batch, stage.timed_output, device)
         times.append(seconds)
     phase.name = "decode call" + suffix
-    end_to_end_s, images = _timed(stage, batch, "pil", device)
+    end_to_end_s, decoded = _timed(stage, batch, "pil", device)
     median = statistics.median(times)
     steps = reference.steps if reference else stage.steps
-    reference_image = reference.image if reference else None
-    psnr_db, ssim = compare(to_tensor(images), reference_image) if reference_image is not None else (None, None)
     return StageResult(
         label=stage.label,
         batch_size=batch,
@@ -275,8 +274,8 @@ def _measure_stage(stage, batch_size, settings: CellSettings, reference: Optiona
         end_to_end_s=end_to_end_s,
         flops_per_step=reference.flops_per_step if reference else None,
         relative_l2=relative_l2(_to_cpu(output), reference.output if reference else None),
-        psnr_db=psnr_db,
-        ssim=ssim,
+        psnr_db=psnr(pixels(decoded), reference.image if reference else None),
+        ssim=ssim(pixels(decoded), reference.image if reference else None, device=device),
     )
 
 

@@ -25,7 +25,10 @@ import torch
 
 from diffopt.bench.configs import build_model
 
-PIPELINES = ("sd-txt2img", "sd-img2img", "sd-inpaint", "sd-controlnet", "if", "sdxl")
+# The seed page's six, run by default; "all" adds the transformer pipelines.
+SEED_PIPELINES = ("sd-txt2img", "sd-img2img", "sd-inpaint", "sd-controlnet", "if", "sdxl")
+TRANSFORMER_PIPELINES = ("sd3-medium", "flux-dev", "flux-schnell")
+PIPELINES = SEED_PIPELINES + TRANSFORMER_PIPELINES
 
 # Row labels of the seed page's tables.
 LABELS = {
@@ -35,17 +38,26 @@ LABELS = {
     "sd-controlnet": "SD - controlnet",
     "if": "IF",
     "sdxl": "SDXL - txt2img",
+    "sd3-medium": "SD3 Medium - txt2img",
+    "flux-dev": "Flux.1 dev - txt2img",
+    "flux-schnell": "Flux.1 schnell - txt2img",
 }
 
-# Steps per stage: the anchor's DDIM 50 for SD1.5 and Euler 30 for SDXL, each IF pipeline's own default.
-FULL_STEPS = {"sd": 50, "sdxl": 30, "if-i": 100, "if-ii": 50, "x4": 75}
+# Steps per stage: the anchor's DDIM 50 for SD1.5 and Euler 30 for SDXL, each IF pipeline's own default, and
+# the model cards' 28 for SD3 Medium and Flux dev, 4 for the timestep-distilled Flux schnell.
+FULL_STEPS = {
+    "sd": 50, "sdxl": 30, "if-i": 100, "if-ii": 50, "x4": 75, "sd3-medium": 28, "flux-dev": 28, "flux-schnell": 4
+}
 TINY_STEPS = 3
 
 # Output height of the first stage; IF-II and the x4 upscaler each multiply it by 4.
-FULL_HEIGHT = {"sd": 512, "sdxl": 1024, "if": 64}
-TINY_HEIGHT = {"sd": 32, "sdxl": 32, "if": 8}
+FULL_HEIGHT = {"sd": 512, "sdxl": 1024, "if": 64, "sd3-medium": 1024, "flux-dev": 1024, "flux-schnell": 1024}
+TINY_HEIGHT = {"sd": 32, "sdxl": 32, "if": 8, "sd3-medium": 32, "flux-dev": 32, "flux-schnell": 32}
 
 PROMPT_TOKENS = 77  # CLIP's and IF's T5 context length
+# SD3 concatenates CLIP's 77 tokens and T5's 256 (its pipeline's max_sequence_length); Flux feeds T5 alone,
+# 512 tokens for dev and 256 for schnell (their pipelines' defaults and the model cards).
+T5_TOKENS = {"sd3-medium": PROMPT_TOKENS + 256, "flux-dev": 512, "flux-schnell": 256}
 
 IMG2IMG_STRENGTH = 0.8  # StableDiffusionImg2ImgPipeline's default, which the seed used
 
@@ -70,9 +82,10 @@ class Stage:
     single_batch: bool = False
 
     def denoisers(self) -> dict[str, torch.nn.Module]:
-        """The modules that run once per step, by attribute name: ``unet`` and, for ControlNet, ``controlnet``."""
+        """The modules that run once per step, by attribute name: ``unet`` or ``transformer`` and, for
+        ControlNet, ``controlnet``."""
         found = {}
-        for name in ("controlnet", "unet"):
+        for name in ("controlnet", "unet", "transformer"):
             module = getattr(self.pipe, name, None)
             if isinstance(module, torch.nn.Module):
                 found[name] = module
@@ -434,6 +447,91 @@ def _x4_stage(pipe, setup: _Setup, height, width) -> Stage:
     return Stage("III", pipe, call, steps, single_batch=True)
 
 
+# --- Transformers: SD3 Medium, Flux.1 dev and schnell -----------------------------------------------------
+
+_NO_T5 = dict(text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None)
+
+
+def _sd3(setup, height, width, weights):
+    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+
+    absent = dict(_NO_T5, text_encoder_3=None, tokenizer_3=None)
+    if weights:
+        pipe = _load(StableDiffusion3Pipeline, weights, setup, **absent)
+    else:
+        pipe = StableDiffusion3Pipeline(
+            transformer=setup.model("sd3-medium-transformer"),
+            vae=setup.model("sd3-vae"),
+            scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),  # SD3 Medium's scheduler_config.json
+            **absent,
+        )
+    # Classifier-free guidance (the default scale 7.0): the transformer runs on the doubled batch.
+    return [_transformer_stage(_ready(pipe), setup, height, width, "sd3-medium", negative=True)]
+
+
+def _flux(variant: str):
+    def build(setup, height, width, weights):
+        from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+
+        if weights:
+            pipe = _load(FluxPipeline, weights, setup, **_NO_T5)
+        else:
+            # Each variant's scheduler_config.json: resolution-dependent shift for dev, a fixed one for schnell.
+            scheduler = (
+                FlowMatchEulerDiscreteScheduler(
+                    shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                    base_image_seq_len=256, max_image_seq_len=4096,
+                )
+                if variant == "dev"
+                else FlowMatchEulerDiscreteScheduler(shift=1.0)
+            )
+            pipe = FluxPipeline(
+                transformer=setup.model(f"flux-{variant}-transformer"),
+                vae=setup.model("flux-vae"),
+                scheduler=scheduler,
+                **_NO_T5,
+            )
+        # Guidance-distilled: no negative prompt and no doubled batch; dev takes the scale as an input.
+        family = f"flux-{variant}"
+        extra = dict(guidance_scale=3.5 if variant == "dev" else 0.0, max_sequence_length=T5_TOKENS[family])
+        return [_transformer_stage(_ready(pipe), setup, height, width, family, negative=False, **extra)]
+
+    return build
+
+
+def _transformer_stage(pipe, setup: _Setup, height, width, family: str, negative: bool, **extra) -> Stage:
+    """Random T5 (and CLIP) prompt embeddings and pooled CLIP embeddings of the transformer's widths."""
+    steps = setup.steps_for(family)
+    config = pipe.transformer.config
+    tokens, dim, pooled = T5_TOKENS[family], config.joint_attention_dim, config.pooled_projection_dim
+
+    @functools.lru_cache(maxsize=None)
+    def embeddings(batch_size):
+        found = dict(
+            prompt_embeds=setup.randn(batch_size, tokens, dim, seed=1),
+            pooled_prompt_embeds=setup.randn(batch_size, pooled, seed=3),
+        )
+        if negative:
+            found.update(
+                negative_prompt_embeds=setup.randn(batch_size, tokens, dim, seed=2),
+                negative_pooled_prompt_embeds=setup.randn(batch_size, pooled, seed=4),
+            )
+        return found
+
+    def call(batch_size: int, output_type: str):
+        return pipe(
+            **embeddings(batch_size),
+            num_inference_steps=steps,
+            height=height,
+            width=width,
+            output_type=output_type,
+            generator=setup.generator(),
+            **extra,
+        ).images
+
+    return Stage("", pipe, call, steps)
+
+
 _BUILDERS = {
     "sd-txt2img": _sd_txt2img,
     "sd-img2img": _sd_img2img,
@@ -441,4 +539,7 @@ _BUILDERS = {
     "sd-controlnet": _sd_controlnet,
     "if": _if,
     "sdxl": _sdxl,
+    "sd3-medium": _sd3,
+    "flux-dev": _flux("dev"),
+    "flux-schnell": _flux("schnell"),
 }

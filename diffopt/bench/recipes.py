@@ -10,6 +10,8 @@ optional options, ``name:key=value,key=value``; values are read as Python litera
 ``sdpa``               eager, diffusers' default (scaled_dot_product_attention): the reference of every comparison
 ``seed``               the seed page's recipe: channels_last + ``torch.compile(mode="reduce-overhead",
                        fullgraph=True)`` on the UNet and the ControlNet (default mode off CUDA: no CUDA graphs)
+``compile``            plain ``torch.compile`` of the denoiser (``pipe.transformer`` or ``pipe.unet``), default
+                       arguments: what most users write, for diffopt to be measured against in the same run
 ``diffopt``            ``diffopt.optimize(pipe, **options)``
 =====================  ==========================================================================================
 
@@ -17,8 +19,7 @@ optional options, ``name:key=value,key=value``; values are read as Python litera
 
 Step caching (``diffopt:cache=...``) takes the values of ``optimize(cache=...)`` (``deepcache``, ``first_block``,
 ``auto``) and, since a spec cannot build a ``diffopt.DeepCache``, its settings as ``cache_interval``,
-``cache_depth`` and ``cache_threshold``: ``diffopt:cache=deepcache,cache_interval=5``. A recipe that caches makes
-the benchmark also decode the reference image, so that its cells report PSNR and SSIM against it.
+``cache_depth`` and ``cache_threshold``: ``diffopt:cache=deepcache,cache_interval=5``.
 
 Example:
     >>> from diffopt.bench.recipes import resolve
@@ -35,7 +36,7 @@ from typing import Any, Callable, Optional
 import torch
 
 # Modules that run once per denoising step; everything else (VAE, schedulers) runs once per image.
-DENOISERS = ("unet", "controlnet")
+DENOISERS = ("unet", "transformer", "controlnet")
 
 
 def _denoisers(pipe):
@@ -45,6 +46,9 @@ def _denoisers(pipe):
 def classic(pipe) -> None:
     """Eager with the attention processors diffusers used before SDPA (AttnProcessor, AttnAddedKVProcessor)."""
     for module in _denoisers(pipe):
+        if not hasattr(module, "set_default_attn_processor"):
+            # SD3's and Flux's transformers were written for SDPA: there is no classic form to measure.
+            raise ValueError(f"classic: {type(module).__name__} has no pre-SDPA attention processors")
         module.set_default_attn_processor()
 
 
@@ -63,6 +67,16 @@ def seed(pipe) -> None:
             setattr(pipe, name, torch.compile(module, mode=mode, fullgraph=True))
 
 
+def plain_compile(pipe) -> None:
+    """``torch.compile`` of the denoiser with default arguments, as most users write it: the transformer where
+    the pipeline has one, else the UNet (a ControlNet stays eager). No memory format, no processor change."""
+    for name in ("transformer", "unet"):
+        module = getattr(pipe, name, None)
+        if isinstance(module, torch.nn.Module):
+            setattr(pipe, name, torch.compile(module))
+            return
+
+
 def diffopt(pipe, **options) -> Optional[str]:
     """``diffopt.optimize(pipe, **options)``; the report's text becomes the cell's note."""
     # Imported here: the benchmark must run, and record the failure in this cell, even without diffopt's core.
@@ -75,12 +89,17 @@ RECIPES: dict[str, Callable[..., Optional[str]]] = {
     "classic": classic,
     "sdpa": sdpa,
     "seed": seed,
+    "compile": plain_compile,
     "diffopt": diffopt,
 }
 
 # Short names for specs; e.g. PRESETS["diffopt-max-autotune"] = "diffopt:mode='max-autotune'".
 PRESETS: dict[str, str] = {
     "diffopt-nocompile": "diffopt:compile=False",
+    # Opt-in quantization (torchao): their cells' rel. L2 and PSNR columns show what it costs in fidelity.
+    "diffopt-fp8": "diffopt:quantize='fp8'",
+    "diffopt-int8": "diffopt:quantize='int8'",
+    "diffopt-int8-weight-only": "diffopt:quantize='int8-weight-only'",
     # DeepCache's uniform intervals for SD1.5 (N=3 and N=5 in the paper); "auto" also covers transformers.
     "diffopt-deepcache3": "diffopt:cache='deepcache',cache_interval=3",
     "diffopt-deepcache5": "diffopt:cache='deepcache',cache_interval=5",
@@ -108,14 +127,19 @@ class Recipe:
     @property
     def compiles(self) -> bool:
         """Whether the recipe calls torch.compile (the first call then includes compilation)."""
-        if self.function is seed:
+        if self.function in (seed, plain_compile):
             return True
         return self.function is diffopt and self.options.get("compile", True) is not False
 
     @property
     def caches(self) -> bool:
-        """Whether the recipe turns on step caching (its cells then get PSNR/SSIM against the reference image)."""
+        """Whether the recipe turns on step caching (fewer FLOPs per step than the reference counted)."""
         return self.function is diffopt and self.options.get("cache") is not None
+
+    @property
+    def changes_output(self) -> bool:
+        """Whether the recipe changes the image by design (step caching, quantization), not only by rounding."""
+        return self.caches or (self.function is diffopt and self.options.get("quantize") is not None)
 
     def apply(self, pipe) -> Optional[str]:
         return self.function(pipe, **self.options)

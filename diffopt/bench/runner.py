@@ -28,7 +28,7 @@ from diffopt.bench.measure import (
     measure_cell,
     probe,
 )
-from diffopt.bench.pipelines import PIPELINES
+from diffopt.bench.pipelines import SEED_PIPELINES
 from diffopt.bench.recipes import resolve
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -45,7 +45,7 @@ def default_device() -> str:
 class BenchSettings:
     """What to run. ``None`` fields take the device's defaults (see :meth:`resolved`)."""
 
-    pipelines: list[str] = field(default_factory=lambda: list(PIPELINES))
+    pipelines: list[str] = field(default_factory=lambda: list(SEED_PIPELINES))
     batch_sizes: Optional[list[int]] = None
     recipes: Optional[list[str]] = None
     device: Optional[str] = None
@@ -148,8 +148,7 @@ def run_benchmark(
     progress.start(len(settings.pipelines) * (1 + len(settings.batch_sizes) * len(recipes)))
     for pipeline in settings.pipelines:
         progress.begin(f"{pipeline}: eager reference")
-        # Decoding the reference costs one more call per pipeline x batch size: only when a recipe caches steps.
-        references = probe(pipeline, settings.batch_sizes, cell_settings, decode=any(r.caches for r in recipes))
+        references = probe(pipeline, settings.batch_sizes, cell_settings)
         run.references.extend(references)
         progress.end()
         for reference in references:

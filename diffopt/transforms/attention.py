@@ -26,6 +26,8 @@ PROCESSORS: Dict[str, Dict[str, str]] = {
         "sdpa": "IPAdapterAttnProcessor2_0",
         "xformers": "IPAdapterXFormersAttnProcessor",
     },
+    # SD3's joint attention has no classic (pre-SDPA) processor: "default" keeps it on JointAttnProcessor2_0.
+    "joint": {"sdpa": "JointAttnProcessor2_0", "xformers": "XFormersJointAttnProcessor"},
 }
 # Sliced processors compute the same attention in slices to save memory; asking for a family replaces them.
 SLICED = {"SlicedAttnProcessor": "attention", "SlicedAttnAddedKVProcessor": "added_kv"}
@@ -59,7 +61,7 @@ def processor_kind(attn: torch.nn.Module) -> Optional[str]:
 
 
 def _convert(processor, kind: str, family: str):
-    target = _processor_class(PROCESSORS[kind][family])
+    target = _processor_class(PROCESSORS[kind].get(family, ""))
     if target is None or type(processor) is target:
         return processor  # already there, or this diffusers has no such twin: keep it
     if kind != "ip_adapter":
@@ -96,20 +98,22 @@ def apply_attention(model: torch.nn.Module, family: str) -> Optional[Change]:
     before, after, kept = {}, Counter(), Counter()
     for name, attn in attention_modules(model):
         kind = processor_kind(attn)
-        if kind is None:
+        if kind is None or family not in PROCESSORS[kind]:
             kept[type(attn.processor).__name__] += 1
             continue
         new = _convert(attn.processor, kind, family)
         if new is not attn.processor:
-            before[name] = (attn, attn.processor)
+            before[name] = (attn, attn.processor, new)
             after[f"{type(attn.processor).__name__} -> {type(new).__name__}"] += 1
             attn.set_processor(new)
     if not before:
         return None
 
     def undo():
-        for attn, processor in before.values():
-            attn.set_processor(processor)
+        for attn, processor, ours in before.values():
+            # A processor set since optimize (load_ip_adapter, unload_ip_adapter) is the user's: keep it.
+            if attn.processor is ours:
+                attn.set_processor(processor)
 
     detail = ", ".join(f"{n}x {change}" for change, n in after.items())
     if kept:

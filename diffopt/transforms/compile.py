@@ -15,6 +15,11 @@ from . import Change
 _ATTR = "_compiled_call_impl"
 #: Modes whose compiled graphs replay as CUDA graphs (their outputs live in a pool the next replay reuses).
 CUDA_GRAPH_MODES = ("reduce-overhead",)
+
+
+def uses_cuda_graphs(options: Dict[str, Any]) -> bool:
+    """Whether torch.compile ``options`` replay CUDA graphs: by mode, or by inductor's own option."""
+    return options.get("mode") in CUDA_GRAPH_MODES or bool((options.get("options") or {}).get("triton.cudagraphs"))
 #: Dynamo's recompile limit while a module compiled by diffopt runs (see apply_compile).
 RECOMPILE_LIMIT = 64
 

@@ -1,0 +1,85 @@
+"""What only a CUDA card can show: real CUDA graphs, and the fused SDPA kernels. Skipped without one."""
+import pytest
+import torch
+from conftest import rel_l2, run_pipeline, sd_pipeline, tiny_controlnet, tiny_unet, unet_inputs
+
+import diffopt
+from diffopt import capabilities
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+    pytest.mark.usefixtures("compile_clean"),
+]
+# fp16 compiled against fp16 eager: inductor's fusions round differently, nothing more.
+FP16_BOUND = 2e-2
+
+
+def _controlnets(count):
+    from diffusers import MultiControlNetModel
+
+    return tiny_controlnet() if count == 1 else MultiControlNetModel([tiny_controlnet() for _ in range(count)])
+
+
+@pytest.mark.compile
+@pytest.mark.parametrize("nets", [1, 2])
+def test_controlnet_pipeline_with_cuda_graphs_runs_and_matches_eager(nets):
+    # In-place compiled ControlNets with CUDA graphs once failed with "accessing tensor output of CUDAGraphs that
+    # has been overwritten"; the step mark at the first net is what keeps them correct.
+    pipe = sd_pipeline(controlnet=_controlnets(nets)).to("cuda", torch.float16)
+    eager = run_pipeline(pipe, steps=3).float()
+    report = diffopt.optimize(pipe)
+    compiled = {s.component: s.detail for s in report.applied if s.transform == "compile"}
+    assert all("reduce-overhead" in detail for detail in compiled.values()), compiled
+    outputs = [run_pipeline(pipe, steps=3).float() for _ in range(3)]  # warm-up, recording, replays
+    assert all(torch.equal(outputs[-1], out) for out in outputs[1:])
+    assert rel_l2(outputs[-1], eager) < FP16_BOUND
+    diffopt.restore(pipe)
+
+
+@pytest.mark.compile
+def test_dynamic_batch_rerecords_instead_of_recompiling_under_cuda_graphs():
+    unet = tiny_unet().to("cuda", torch.float16)
+    inputs = {b: {k: v.to("cuda", torch.float16) for k, v in unet_inputs(unet, b).items()} for b in (2, 4)}
+    with torch.no_grad():
+        eager = {b: unet(**inputs[b]).sample.float() for b in inputs}
+    diffopt.optimize(unet, dynamic_batch=True)
+    with torch.no_grad():
+        unet(**inputs[2])
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            for batch in (4, 2, 4):
+                for _ in range(2):
+                    out = unet(**inputs[batch]).sample.float()
+                assert rel_l2(out, eager[batch]) < FP16_BOUND
+    diffopt.restore(unet)
+
+
+# How each backend's kernel is named (torch 2.11 on sm90: pytorch_flash::flash_fwd_kernel,
+# cudnn_generated_fort_native_sdpa_sm90_flash_fprop..., fmha_cutlassF_...); convolutions are cuDNN kernels too, so
+# "cudnn" alone says nothing. "math" launches none of them.
+def _attention_kernels(names):
+    return {
+        "cudnn": [n for n in names if "cudnn" in n and "sdpa" in n],
+        "flash": [n for n in names if "flash_fwd" in n and "sdpa" not in n],
+        "efficient": [n for n in names if "fmha" in n or "efficient_attention" in n or "mem_eff" in n],
+    }
+
+
+@pytest.mark.parametrize("backend", ["flash", "cudnn", "efficient", "math"])
+def test_requested_sdpa_kernel_is_the_one_launched(backend):
+    # One head of 64 and 128 channels: a head size every fused kernel takes (the default tiny UNet's is 4).
+    unet = tiny_unet(block_out_channels=(64, 128), attention_head_dim=1).to("cuda", torch.float16)
+    gate = capabilities.attention_backend(backend, torch.device("cuda"), torch.float16)
+    if not gate.ok:
+        pytest.skip(gate.reason)
+    inputs = {k: v.to("cuda", torch.float16) for k, v in unet_inputs(unet, 2).items()}
+    with torch.no_grad():
+        reference = unet(**inputs).sample.float()
+    diffopt.optimize(unet, attention=backend, compile=False)
+    with torch.no_grad(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        out = unet(**inputs).sample.float()
+        torch.cuda.synchronize()
+    launched = {k: v for k, v in _attention_kernels([e.key.lower() for e in prof.key_averages()]).items() if v}
+    assert list(launched) == ([] if backend == "math" else [backend]), launched
+    assert rel_l2(out, reference) < FP16_BOUND
+    diffopt.restore(unet)
