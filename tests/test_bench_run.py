@@ -146,7 +146,7 @@ def test_cpu_defaults_are_quick_and_eager():
     assert settings.size == "tiny" and settings.dtype == "fp32" and settings.batch_sizes == [1]
     assert not any(recipes.resolve(spec).compiles for spec in settings.recipes)
     cuda = BenchSettings(device="cuda").resolved()
-    assert (cuda.size, cuda.dtype, cuda.batch_sizes, cuda.warmup, cuda.repeats) == ("full", "fp16", [1, 4], 3, 3)
+    assert (cuda.size, cuda.dtype, cuda.batch_sizes, cuda.warmup, cuda.repeats) == ("full", "fp16", [1, 4], 3, 7)
     assert cuda.recipes == ["sdpa", "seed", "diffopt"]
 
 

@@ -75,7 +75,7 @@ class BenchSettings:
             width=self.width,
             weights=self.weights,
             warmup=self.warmup if self.warmup is not None else (3 if cuda else 2),
-            repeats=self.repeats if self.repeats is not None else (3 if cuda else 2),
+            repeats=self.repeats if self.repeats is not None else (7 if cuda else 2),
         )
 
 
