@@ -10,7 +10,7 @@ the CPU lacks ("efficient"), which has to raise instead of falling back.
 import pytest
 import torch
 from conftest import CROSS_DIM, SAMPLE, rel_l2, sd3_inputs, sd3_transformer, sd_pipeline, tiny_controlnet, tiny_unet
-from conftest import tiny_vae, unet_inputs
+from conftest import flux_transformer, tiny_vae, transformer_inputs, unet_inputs
 from diffusers.models import attention_processor as ap
 from test_roundtrip import assert_same, snapshot
 
@@ -49,16 +49,6 @@ def controlnet():
     return model
 
 
-def flux():
-    from diffusers import FluxTransformer2DModel
-
-    torch.manual_seed(0)
-    return FluxTransformer2DModel(
-        patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
-        joint_attention_dim=CROSS_DIM, pooled_projection_dim=16, axes_dims_rope=(4, 6, 6),
-    ).eval()
-
-
 def _generator():
     return torch.Generator().manual_seed(0)
 
@@ -95,12 +85,7 @@ def run_pixart(model):
 
 
 def run_flux(model):
-    g = _generator()
-    return model(
-        hidden_states=torch.randn(1, 16, 4, generator=g), encoder_hidden_states=torch.randn(1, 7, CROSS_DIM, generator=g),
-        pooled_projections=torch.randn(1, 16, generator=g), timestep=torch.tensor([0.5]),
-        img_ids=torch.randn(16, 3, generator=g), txt_ids=torch.zeros(7, 3),
-    ).sample
+    return model(**transformer_inputs(model)).sample
 
 
 MODELS = {
@@ -109,7 +94,7 @@ MODELS = {
     "vae": (tiny_vae, run_vae),
     "sd3": (sd3_transformer, run_sd3),
     "pixart": (pixart, run_pixart),
-    "flux": (flux, run_flux),
+    "flux": (flux_transformer, run_flux),
 }
 
 
@@ -204,7 +189,7 @@ def test_forcing_a_kernel_the_cpu_lacks_raises_instead_of_falling_back():
     change.undo()
     run(unet, run_unet)
 
-    model = flux()  # the same through diffusers' dispatcher ("_native_efficient")
+    model = flux_transformer()  # the same through diffusers' dispatcher ("_native_efficient")
     change = apply_attention_backend(model, "efficient")
     with pytest.raises(RuntimeError, match="No viable backend"):
         run(model, run_flux)
@@ -247,7 +232,7 @@ def test_requested_kernel_runs_compiled(compile_clean, kernel):
 
 @pytest.mark.compile
 def test_dispatcher_kernel_runs_compiled(compile_clean):
-    model = flux()
+    model = flux_transformer()
     plain = run(model, run_flux)
     diffopt.optimize(model, attention="math")
     run(model, run_flux)
@@ -296,7 +281,7 @@ def test_pipeline_round_trip_with_a_kernel():
 def test_diffusers_own_reset_leaves_the_process_wide_backend_and_restore_does_not():
     from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry
 
-    model = flux()
+    model = flux_transformer()
     model.set_attention_backend("_native_math")
     model.reset_attention_backend()
     assert active_backend().value == "_native_math"  # left behind: what diffopt's undo must not do
@@ -312,7 +297,7 @@ def test_dispatcher_restore_puts_back_a_global_backend_set_before(dispatcher_glo
 
     # As DIFFUSERS_ATTN_BACKEND=_native_math would: the process-wide default, no per-processor setting.
     _AttentionBackendRegistry.set_active_backend(AttentionBackendName("_native_math"))
-    model = flux()
+    model = flux_transformer()
     before = model_state(model)
     diffopt.optimize(model, attention="flash", compile=False)
     assert {m.processor._attention_backend.value for _, m in dispatcher_layers(model)} == {"_native_flash"}
@@ -322,7 +307,7 @@ def test_dispatcher_restore_puts_back_a_global_backend_set_before(dispatcher_glo
 
 
 def test_sdpa_left_at_default_keeps_the_users_dispatcher_backend_and_named_replaces_it():
-    model = flux()
+    model = flux_transformer()
     model.set_attention_backend("_native_math")
     report = diffopt.optimize(model, compile=False)
     assert {m.processor._attention_backend.value for _, m in dispatcher_layers(model)} == {"_native_math"}
@@ -347,7 +332,7 @@ def test_flex_on_the_dispatcher_calls_flex_attention(monkeypatch):
         return real(*args, **kwargs)
 
     monkeypatch.setattr(flex_module, "flex_attention", counting)
-    model = flux()
+    model = flux_transformer()
     plain = run(model, run_flux)
     diffopt.optimize(model, attention="flex", compile=False)
     out = run(model, run_flux)
@@ -386,7 +371,7 @@ def test_unknown_attention_lists_every_choice():
     ],
 )
 def test_missing_backend_is_an_error_naming_what_is_missing(kind, attention, words):
-    target = {"pipe": sd_pipeline, "sd3": sd3_transformer, "flux": flux}[kind]()
+    target = {"pipe": sd_pipeline, "sd3": sd3_transformer, "flux": flux_transformer}[kind]()
     model = target.unet if kind == "pipe" else target
     before = model_state(model)
     with pytest.raises(diffopt.UnsupportedFeatureError) as info:
@@ -399,7 +384,7 @@ def test_missing_backend_is_an_error_naming_what_is_missing(kind, attention, wor
 
 def test_context_parallel_model_needs_a_backend_that_supports_it():
     # What enable_parallelism leaves on the processors; set_attention_backend would refuse "_native_math" half-way.
-    model = flux()
+    model = flux_transformer()
     for _, attn in dispatcher_layers(model):
         attn.processor._parallel_config = object()
     before = model_state(model)
@@ -417,7 +402,7 @@ def test_flex_missing_from_torch(monkeypatch):
         capabilities.importlib.util, "find_spec", lambda name: None if name.endswith("flex_attention") else real(name)
     )
     with pytest.raises(diffopt.UnsupportedFeatureError, match="flex_attention"):
-        diffopt.optimize(flux(), attention="flex", compile=False)
+        diffopt.optimize(flux_transformer(), attention="flex", compile=False)
 
 
 @pytest.mark.parametrize(
