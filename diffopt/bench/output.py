@@ -202,23 +202,21 @@ def print_tables(run: BenchRun, console=None) -> None:
         console = Console()
         if not console.is_terminal:  # a log file: rich would wrap the cells at 80 columns
             console = Console(width=200)
-    for batch_size in run.settings.batch_sizes:
-        table = Table(title=_title(run, batch_size))
+    def print_table(title, rows):
+        table = Table(title=title)
         table.add_column("Pipeline")
         for recipe in _recipes(run):
             table.add_column(recipe, justify="center")
-        for row in table_rows(run, batch_size):
+        for row in rows:
             table.add_row(*row)
         console.print(table)
+
+    for batch_size in run.settings.batch_sizes:
+        print_table(_title(run, batch_size), table_rows(run, batch_size))
     if has_quality(run):
         for batch_size in run.settings.batch_sizes:
-            table = Table(title=f"Quality (batch size: {batch_size}): speed-up, PSNR, SSIM, latent rel. L2")
-            table.add_column("Pipeline")
-            for recipe in _recipes(run):
-                table.add_column(recipe, justify="center")
-            for row in quality_rows(run, batch_size):
-                table.add_row(*row)
-            console.print(table)
+            title = f"Quality (batch size: {batch_size}): speed-up, PSNR, SSIM, latent rel. L2"
+            print_table(title, quality_rows(run, batch_size))
         console.print(quality_note(run))
 
 

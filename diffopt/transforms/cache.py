@@ -30,7 +30,7 @@ from typing import Any, Callable, Dict, List, Optional
 
 import torch
 
-from . import Change
+from . import Change, set_instance_attr
 
 # The instance attributes diffusers' cache hooks leave behind after disable_cache(); removed on undo if new.
 _DIFFUSERS_HOOK_ATTRS = ("_diffusers_hook", "forward", "_cache_config")
@@ -60,20 +60,6 @@ class StepClock:
         self.reuse = bool(self.interval and self.interval > 1 and self.step % self.interval)
 
 
-def _instance_attr(obj, name: str, value) -> Callable[[], None]:
-    """Set ``obj.name`` on the instance; return the undo (the previous instance attribute, or none)."""
-    had, previous = name in vars(obj), vars(obj).get(name)
-    setattr(obj, name, value)
-
-    def undo():
-        if had:
-            setattr(obj, name, previous)
-        else:
-            vars(obj).pop(name, None)
-
-    return undo
-
-
 class _SchedulerHooks:
     """``set_timesteps`` restarts the clock, ``step`` advances it; on one scheduler instance at a time."""
 
@@ -98,8 +84,8 @@ class _SchedulerHooks:
             clock.advance()
             return result
 
-        self._undo = [_instance_attr(scheduler, "set_timesteps", hooked_set_timesteps),
-                      _instance_attr(scheduler, "step", hooked_step)]  # fmt: skip
+        self._undo = [set_instance_attr(scheduler, "set_timesteps", hooked_set_timesteps),
+                      set_instance_attr(scheduler, "step", hooked_step)]  # fmt: skip
         self.scheduler = scheduler
 
     def detach(self) -> None:
@@ -123,7 +109,7 @@ def attach_clock(pipe, clock: StepClock) -> Change:
         clock.start()
         return progress_bar(*args, **kwargs)
 
-    undo = [_instance_attr(pipe, "progress_bar", hooked_progress_bar)]
+    undo = [set_instance_attr(pipe, "progress_bar", hooked_progress_bar)]
     free_hooks = getattr(pipe, "maybe_free_model_hooks", None)
     if callable(free_hooks):
 
@@ -132,7 +118,7 @@ def attach_clock(pipe, clock: StepClock) -> Change:
             clock.start()
             return free_hooks(*args, **kwargs)
 
-        undo.append(_instance_attr(pipe, "maybe_free_model_hooks", hooked_free_hooks))
+        undo.append(set_instance_attr(pipe, "maybe_free_model_hooks", hooked_free_hooks))
 
     def undo_all():
         for step in reversed(undo):
@@ -250,7 +236,7 @@ def apply_deepcache(
                 on_full_step(output)
             return output
 
-        undo.append(_instance_attr(block, "forward", forward))
+        undo.append(set_instance_attr(block, "forward", forward))
 
     up_blocks = getattr(module, "up_blocks", None)  # None: a ControlNet, which ends after its mid block
     last = len(module.down_blocks) - 1
@@ -344,7 +330,7 @@ def apply_block_compile(model: torch.nn.Module, options: Dict[str, Any], dynamic
                 mark_batch_dynamic(args, kwargs)
             return _function(_block, *args, **kwargs)
 
-        undo.append(_instance_attr(block, "forward", forward))
+        undo.append(set_instance_attr(block, "forward", forward))
 
     def undo_all():
         for step in reversed(undo):

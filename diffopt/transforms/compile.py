@@ -10,7 +10,7 @@ from typing import Any, Dict, Optional
 
 import torch
 
-from . import Change
+from . import Change, set_instance_attr
 
 _ATTR = "_compiled_call_impl"
 #: Modes whose compiled graphs replay as CUDA graphs (their outputs live in a pool the next replay reuses).
@@ -73,10 +73,8 @@ def apply_compile(
     step (a ControlNet), so the CUDA graphs of one step never read outputs owned by the previous step's replays;
     ``dynamic_batch`` marks the inputs' batch dimension dynamic (see :func:`mark_batch_dynamic`).
     """
-    had_own = _ATTR in module.__dict__
-    previous = module.__dict__.get(_ATTR)
-    module.compile(**options)
-    compiled_call = module.__dict__[_ATTR]
+    # What nn.Module.compile does, kept in hand so the call below can run around it.
+    compiled_call = torch.compile(module._call_impl, **options)
     dynamo_config = torch._dynamo.config
     limit_name = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"  # < 2.6
 
@@ -95,15 +93,8 @@ def apply_compile(
         finally:
             setattr(dynamo_config, limit_name, limit)
 
-    module.__dict__[_ATTR] = call
+    undo = set_instance_attr(module, _ATTR, call)
     detail = describe(options) + "".join(
         [", dynamic batch" if dynamic_batch else "", ", new CUDA-graph step per call" if new_step else ""]
     )
-
-    def undo():
-        if had_own:
-            module.__dict__[_ATTR] = previous
-        else:
-            module.__dict__.pop(_ATTR, None)
-
     return Change(detail, undo)
