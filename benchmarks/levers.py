@@ -7,7 +7,8 @@ steps/s of the whole pipeline call, median of 3 after warm calls).
 VARIANT joins tokens with '+': seed (SDPA + channels_last + compile reduce-overhead fullgraph),
 cudnn_bench (torch.backends.cudnn.benchmark during capture), cudnn_attn / flash_attn / efficient_attn
 (SDPA kernel forced while compiling and running), freezing (inductor freezing + CUDA graphs),
-diffopt (diffopt.optimize defaults), dynbatch (batch dimension of the UNet inputs marked dynamic before the
+diffopt (diffopt.optimize defaults), nocputs (with diffopt: cpu_timesteps=False, the timesteps left on the
+GPU where the pipeline puts them), dynbatch (batch dimension of the UNet inputs marked dynamic before the
 compiled call, so a new batch size re-records CUDA graphs instead of recompiling), switch (also time the first
 call after switching to batch 4 and back to 1), profile (kernel time per category over one call, from
 torch.profiler), stepgraph (UNet + guidance + DDIM update compiled as one CUDA graph, the loop driven by this
@@ -64,7 +65,7 @@ if "cudnn_bench" in tokens:
     torch.backends.cudnn.benchmark = True
 if "diffopt" in tokens:
     import diffopt
-    print(diffopt.optimize(pipe), flush=True)
+    print(diffopt.optimize(pipe, cpu_timesteps="nocputs" not in tokens), flush=True)
 elif "seed" in tokens:
     pipe.unet.to(memory_format=torch.channels_last)
     if "freezing" in tokens:
@@ -121,12 +122,29 @@ if "stepgraph" in tokens:
         torch.cuda.synchronize()
         return time.perf_counter() - t, latents.float().clone()
 
+
+
+def syncs_per_call():
+    """How often one call makes the CPU wait for the GPU (torch's sync debug mode warns at each)."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            call()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
 torch.cuda.reset_peak_memory_stats()
 with scope:
     first, _ = call()
     for _ in range(2):
         call()
     runs = [call() for _ in range(3)]
+    syncs = syncs_per_call()
 times = sorted(t for t, _ in runs)
 out = runs[0][1]
 rel = ((out - reference).norm() / reference.norm()).item()
@@ -155,6 +173,7 @@ if "profile" in tokens:
     print("PROFILE", json.dumps({"ms_per_step": {k: round(v, 3) for k, v in categories.items()},
                                  "top": [(e.key[:90], round(e.device_time_total / 1e3 / steps, 3), e.count // steps) for e in top]}), flush=True)
 res = dict(variant=variant, batch=batch, steps=steps, first_s=round(first, 2), steps_per_s=round(steps / times[1], 2),
+           syncs_per_call=syncs,
            peak_gb=round(torch.cuda.max_memory_allocated() / 2**30, 2), rel_l2_vs_eager_sdpa=rel, **extra,
            gpu=torch.cuda.get_device_name(), torch=torch.__version__, diffusers=__import__("diffusers").__version__)
 print("RESULT", json.dumps(res), flush=True)

@@ -143,6 +143,10 @@ class OptimizeConfig:
     #: Step caching, off by default: None, "deepcache", "first_block", "auto", or a :class:`DeepCache` /
     #: :class:`FirstBlockCache` with its settings. Needs a pipeline (its scheduler tells where a call starts).
     cache: CacheSetting = None
+    #: Keep the scheduler's timesteps on the CPU, so schedulers that read them every step (DDIM, PNDM, DDPM)
+    #: never wait for the GPU, and hand each timestep to the compiled UNet and ControlNets as a GPU fill. Applies
+    #: to UNet pipelines on CUDA whose UNet diffopt compiles; elsewhere it is skipped with the reason.
+    cpu_timesteps: bool = True
     #: The options the user named; a feature the installed versions lack is an error when named here
     #: and a skip with a reason otherwise. Filled in by :meth:`from_options`.
     explicit: FrozenSet[str] = field(default=frozenset(), repr=False, compare=False)
@@ -155,6 +159,7 @@ class OptimizeConfig:
         check_cache(self.cache)
         check_choice("quantize", self.quantize, QUANTIZE_CHOICES)
         check_bool("fuse_projections", self.fuse_projections)
+        check_bool("cpu_timesteps", self.cpu_timesteps)
         if isinstance(self.compile, Mapping):
             self._check_compile_options(dict(self.compile))
         elif not isinstance(self.compile, bool):

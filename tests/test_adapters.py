@@ -235,14 +235,20 @@ def test_lora_hotswap_on_a_compiled_flux_transformer_does_not_recompile(tmp_path
 def test_fuse_lora_shows_under_cuda_graphs(loras):
     # reduce-overhead replays CUDA graphs that read the weights at recorded addresses; fuse_lora writes merged
     # weights (peft may rebind .data). The replayed graph must see them, or the LoRA silently vanishes.
+    # The bound: cuDNN runs fp32 convolutions in TF32 by default, and channels_last makes it pick other algorithms
+    # than the reference's (1.9e-3 measured on an H100); the fused LoRA moves the output by 0.43, far above it.
+    bound = 1e-2
     pipe, reference = sd_pipeline().to("cuda"), sd_pipeline().to("cuda")
+    base = run_pipeline(reference).float().cpu()
     diffopt.optimize(pipe)  # CUDA defaults: reduce-overhead
     for _ in range(3):
         run_pipeline(pipe)
     both(pipe, reference, call=lambda p: p.load_lora_weights(loras["a"], adapter_name="a"))
     both(pipe, reference, call=lambda p: p.fuse_lora())
+    expected = run_pipeline(reference).float().cpu()
+    assert rel_l2(expected, base) > 10 * bound  # the LoRA shows in the output, so a vanished one cannot pass
     for _ in range(2):
-        assert rel_l2(run_pipeline(pipe).float().cpu(), run_pipeline(reference).float().cpu()) < 1e-3
+        assert rel_l2(run_pipeline(pipe).float().cpu(), expected) < bound
     both(pipe, reference, call=lambda p: p.unfuse_lora())
-    assert rel_l2(run_pipeline(pipe).float().cpu(), run_pipeline(reference).float().cpu()) < 1e-3
+    assert rel_l2(run_pipeline(pipe).float().cpu(), run_pipeline(reference).float().cpu()) < bound
     diffopt.restore(pipe)

@@ -11,6 +11,7 @@ from typing import Any, Dict, Optional
 import torch
 
 from . import Change, set_instance_attr
+from .timesteps import scalars_to_device
 
 _ATTR = "_compiled_call_impl"
 #: Modes whose compiled graphs replay as CUDA graphs (their outputs live in a pool the next replay reuses).
@@ -64,14 +65,19 @@ def mark_batch_dynamic(args, kwargs) -> None:
 
 
 def apply_compile(
-    module: torch.nn.Module, options: Dict[str, Any], new_step: bool = False, dynamic_batch: bool = False
+    module: torch.nn.Module,
+    options: Dict[str, Any],
+    new_step: bool = False,
+    dynamic_batch: bool = False,
+    scalars_to: Optional[torch.device] = None,
 ) -> Optional[Change]:
     """Compile ``module`` in place with ``options``; undo returns it to eager execution.
 
-    Both extras run before each call, outside the compiled code:
+    The extras run before each call, outside the compiled code:
     ``new_step`` calls ``torch.compiler.cudagraph_mark_step_begin()``, for the module that starts a denoising
     step (a ControlNet), so the CUDA graphs of one step never read outputs owned by the previous step's replays;
-    ``dynamic_batch`` marks the inputs' batch dimension dynamic (see :func:`mark_batch_dynamic`).
+    ``dynamic_batch`` marks the inputs' batch dimension dynamic (see :func:`mark_batch_dynamic`);
+    ``scalars_to`` moves 0-d CPU tensors (timesteps kept on the CPU, see transforms/timesteps.py) to that device.
     """
     # What nn.Module.compile does, kept in hand so the call below can run around it.
     compiled_call = torch.compile(module._call_impl, **options)
@@ -79,6 +85,8 @@ def apply_compile(
     limit_name = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"  # < 2.6
 
     def call(*args, **kwargs):
+        if scalars_to is not None:
+            args, kwargs = scalars_to_device(args, kwargs, scalars_to)
         if new_step:
             torch.compiler.cudagraph_mark_step_begin()
         if dynamic_batch:
@@ -95,6 +103,10 @@ def apply_compile(
 
     undo = set_instance_attr(module, _ATTR, call)
     detail = describe(options) + "".join(
-        [", dynamic batch" if dynamic_batch else "", ", new CUDA-graph step per call" if new_step else ""]
+        [
+            ", dynamic batch" if dynamic_batch else "",
+            ", new CUDA-graph step per call" if new_step else "",
+            f", CPU timesteps made on {scalars_to}" if scalars_to is not None else "",
+        ]
     )
     return Change(detail, undo)
