@@ -1,4 +1,5 @@
 """A whole (tiny, CPU) benchmark run: every cell measured or its failure recorded, and every output written."""
+import importlib.util
 import json
 
 import pytest
@@ -120,10 +121,19 @@ def test_speedups_are_relative_to_sdpa(run):
     assert sd["classic"] == pytest.approx(sdpa.stages[0].median_s / classic.stages[0].median_s)
 
 
-def test_chart_is_skipped_without_an_sdpa_cell(tmp_path, capsys):
-    run = run_benchmark(BenchSettings(pipelines=["sdxl"], recipes=["classic"], **QUICK))
-    assert output.plot_speedups(run, str(tmp_path / "speedup.png")) is None
-    assert "sdpa" in capsys.readouterr().err
+def test_chart_falls_back_to_the_seed_recipe_and_is_skipped_without_any_baseline(run, tmp_path, capsys):
+    import dataclasses
+
+    # A GPU run that timed only seed vs diffopt: the sdpa cells renamed "seed" stand for it.
+    as_seed = dataclasses.replace(run, cells=[
+        dataclasses.replace(c, recipe="seed") if c.recipe == "sdpa" else c for c in run.cells])  # fmt: skip
+    ups = output.speedups(as_seed, "seed")[("sd-txt2img", 1)]
+    assert ups["seed"] == pytest.approx(1.0) and ups["classic"] == pytest.approx(output.speedups(run)[("sd-txt2img", 1)]["classic"])
+    if importlib.util.find_spec("matplotlib"):
+        assert output.plot_speedups(as_seed, str(tmp_path / "seed.png")) is not None
+    lone = run_benchmark(BenchSettings(pipelines=["sdxl"], recipes=["classic"], **QUICK))
+    assert output.plot_speedups(lone, str(tmp_path / "speedup.png")) is None
+    assert "'sdpa', 'seed', 'compile'" in capsys.readouterr().err
 
 
 def test_diffopt_recipe_calls_optimize_and_keeps_its_report():

@@ -40,12 +40,17 @@ def _denoise_seconds(cell: Optional[CellResult]) -> Optional[float]:
     return sum(stage.median_s for stage in cell.stages)
 
 
-def speedups(run: BenchRun) -> dict[tuple[str, int], dict[str, float]]:
-    """Speed-up of each recipe over ``sdpa`` per (pipeline, batch size): ratio of the summed median seconds of
-    the stages' timed calls (for one-stage pipelines, the ratio of steps/s)."""
+#: What the chart compares with, in order of preference: eager SDPA, else the seed page's recipe (runs that time
+#: only seed vs diffopt, to spend a GPU session on compiled cells), else plain torch.compile.
+CHART_BASELINES = (REFERENCE, "seed", "compile")
+
+
+def speedups(run: BenchRun, baseline: str = REFERENCE) -> dict[tuple[str, int], dict[str, float]]:
+    """Speed-up of each recipe over ``baseline`` per (pipeline, batch size): ratio of the summed median seconds
+    of the stages' timed calls (for one-stage pipelines, the ratio of steps/s)."""
     result: dict[tuple[str, int], dict[str, float]] = {}
     for (pipeline, batch_size), cells in _grid(run).items():
-        reference = _denoise_seconds(cells.get(REFERENCE))
+        reference = _denoise_seconds(cells.get(baseline))
         if reference is None:
             continue
         result[(pipeline, batch_size)] = {
@@ -241,11 +246,13 @@ def write_outputs(run: BenchRun, out_dir: str) -> dict[str, Optional[str]]:
 
 
 def plot_speedups(run: BenchRun, path: str) -> Optional[str]:
-    """Bar chart of the speed-up over eager ``sdpa`` per pipeline, one panel per batch size, like the seed
-    page's figures. Returns None, with a message on stderr, when matplotlib or the sdpa column is missing."""
-    data = speedups(run)
+    """Bar chart of the speed-up over eager ``sdpa`` (else the first of :data:`CHART_BASELINES` the run has) per
+    pipeline, one panel per batch size, like the seed page's figures. Returns None, with a message on stderr,
+    when matplotlib or every baseline is missing."""
+    baseline, data = next(((b, d) for b in CHART_BASELINES if (d := speedups(run, b))), (None, {}))
     if not data:
-        print(f"speedup.png skipped: no successful {REFERENCE!r} cell to compare with", file=sys.stderr)
+        names = ", ".join(repr(b) for b in CHART_BASELINES)
+        print(f"speedup.png skipped: no successful cell of {names} to compare with", file=sys.stderr)
         return None
     try:
         import matplotlib
@@ -268,7 +275,7 @@ def plot_speedups(run: BenchRun, path: str) -> Optional[str]:
         axis.set_xticks(range(len(pipelines)))
         axis.set_xticklabels([LABELS.get(p, p) for p in pipelines], rotation=30, ha="right")
         axis.set_title(f"batch size {batch_size}")
-        axis.set_ylabel(f"speed-up over eager {REFERENCE}")
+        axis.set_ylabel(f"speed-up over {'eager ' if baseline == REFERENCE else ''}{baseline}")
     axes[0][0].legend()
     figure.suptitle(run.environment.get("gpu") or run.environment.get("device", ""))
     figure.tight_layout()
