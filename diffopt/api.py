@@ -163,7 +163,7 @@ def _plan_quantize(component: Component, config: OptimizeConfig, report: Report)
     return [_Step(component, "quantize", lambda: quantize_transform.apply_quantize(component.module, mode))]
 
 
-def _plan_compile(component: Component, config: OptimizeConfig, report: Report, scalars_to=None) -> List[_Step]:
+def _plan_compile(component: Component, config: OptimizeConfig, report: Report, timesteps_on_cpu=False) -> List[_Step]:
     options = _compile_options(component, config, report)
     if options is None:
         return []
@@ -176,8 +176,10 @@ def _plan_compile(component: Component, config: OptimizeConfig, report: Report, 
     # A batch dimension marked dynamic before the first trace gives one graph for every batch size: a new batch
     # size re-records CUDA graphs (1.6 s measured on an H200) instead of recompiling (80 s). dynamic=False wins.
     dynamic_batch = config.dynamic_batch and options.get("dynamic", None) is not False
-    # With the scheduler's timesteps on the CPU (_plan_cpu_timesteps), the UNet and ControlNets get them as GPU fills.
-    scalars_to = scalars_to if component.role in (DENOISER, CONTROLNET) else None
+    # With the scheduler's timesteps on the CPU (_plan_cpu_timesteps), the UNet and ControlNets get them as GPU
+    # fills, each on its own device (a ControlNet may sit on another card than the UNet).
+    on_cpu = timesteps_on_cpu and component.role in (DENOISER, CONTROLNET)
+    scalars_to = module_device(component.module) if on_cpu else None
     return [_Step(component, "compile",
                   lambda: apply_compile(component.module, options, new_step, dynamic_batch, scalars_to))]  # fmt: skip
 
@@ -268,28 +270,28 @@ def _plan_cache(target, components: List[Component], config: OptimizeConfig, rep
 
 
 def _plan_cpu_timesteps(target, components: List[Component], config: OptimizeConfig, report: Report):
-    """The step that keeps the scheduler's timesteps on the CPU, and the device the compiled modules must then
-    make each timestep on; ([], None) where it does not apply. On by default where it applies, so a pipeline it
+    """The step that keeps the scheduler's timesteps on the CPU, and whether the compiled UNet and ControlNets
+    must then make each timestep on their device; ([], False) where it does not apply. On by default where it applies, so a pipeline it
     does not fit gets no report line (``assert not report.skipped`` stays true on a CPU); named, the reason is
     reported, and it is an error where the pipeline could run on a GPU but cannot take it."""
     denoiser = next((c for c in components if c.role == DENOISER), None)
     if not config.cpu_timesteps or denoiser is None:
-        return [], None
+        return [], False
     named = config.asks_for("cpu_timesteps")
     device = module_device(denoiser.module)
     if device.type != "cuda":  # nothing waits for a GPU: a no-op, not a missing feature
         if named:
             report.add("scheduler", "cpu_timesteps", SKIPPED, f"{denoiser.name} runs on {device.type}; only a GPU makes the loop wait")
-        return [], None
+        return [], False
     reason = _cpu_timesteps_blocker(target, components, denoiser, config)
     if reason:
         if named:
             raise ValueError(f"cpu_timesteps=True: {reason}")
-        return [], None
+        return [], False
     scheduler = target.scheduler
     step = _Step(Component("scheduler", "scheduler", scheduler), "cpu_timesteps",
                  lambda: timesteps_transform.apply_cpu_timesteps(scheduler))  # fmt: skip
-    return [step], device
+    return [step], True
 
 
 def _cpu_timesteps_blocker(target, components, denoiser: Component, config: OptimizeConfig) -> Optional[str]:
@@ -366,13 +368,13 @@ def _plan(target, config: OptimizeConfig, report: Report) -> List[_Step]:
             steps += planner(component, config, report)
     cache_steps = _plan_cache(target, components, config, report)
     # Before the cache: its clock hooks wrap scheduler.set_timesteps too, and must come off first on undo.
-    timestep_steps, scalars_to = _plan_cpu_timesteps(target, components, config, report)
+    timestep_steps, timesteps_on_cpu = _plan_cpu_timesteps(target, components, config, report)
     steps += timestep_steps + cache_steps
     # The first-block cache compiles its transformer block by block (see _plan_cache): no whole-model compile.
     compiled = {step.component.name for step in cache_steps if step.transform == "compile"}
     for component in components:
         if component.name not in compiled:
-            steps += _plan_compile(component, config, report, scalars_to)
+            steps += _plan_compile(component, config, report, timesteps_on_cpu)
     return steps
 
 
