@@ -295,17 +295,37 @@ def _plan_cpu_timesteps(target, components: List[Component], config: OptimizeCon
 
 
 def _cpu_timesteps_blocker(target, components, denoiser: Component, config: OptimizeConfig) -> Optional[str]:
-    if not is_pipeline(target) or not timesteps_transform.takes_device(getattr(target, "scheduler", None)):
+    scheduler = getattr(target, "scheduler", None)
+    if not is_pipeline(target) or not timesteps_transform.takes_device(scheduler):
         return f"needs a pipeline whose scheduler.set_timesteps takes a device, got {type(target).__name__}"
+    kind = type(denoiser.module).__name__
     if is_transformer(denoiser.module):
         # They pass t.expand(batch), not one scalar, and flow-match schedulers index by step, not by timestep.
-        return f"{type(denoiser.module).__name__} takes a batch of timesteps; only UNet pipelines are covered"
+        return f"{kind} takes a batch of timesteps; only UNet pipelines are covered"
+    if not any("UNet" in cls.__name__ for cls in type(denoiser.module).__mro__):
+        return f"{kind} is not a UNet; only UNet pipelines are covered"
+    if not timesteps_transform.waits_every_step(scheduler):
+        return (f"{type(scheduler).__name__} does not read its timesteps every step, so there is no wait to remove "
+                f"(covered: {', '.join(timesteps_transform.WAITING_SCHEDULERS)})")  # fmt: skip
+    ours = _compiled_by_diffopt(target)
     for component in components:
-        if component.role in (DENOISER, CONTROLNET):
-            if _compile_options(component, config, Report()) is None:
-                # Eager code would copy each CPU timestep to the GPU with a blocking copy: the wait this removes.
-                return f"{component.name} is not compiled by diffopt, so it would copy each timestep with a blocking copy"
+        if component.role in (DENOISER, CONTROLNET) and not _will_compile(component, config, ours):
+            # Eager code would copy each CPU timestep to the GPU with a blocking copy: the wait this removes.
+            return f"{component.name} is not compiled by diffopt, so it would copy each timestep with a blocking copy"
     return None
+
+
+def _compiled_by_diffopt(target) -> set:
+    """Names of the components the target's current optimize compiled. optimize's dry run sees them compiled; the
+    real run undoes that first, so they count as diffopt's, not as "compiled outside diffopt"."""
+    state = _state_of(target)
+    return {name for name, transform, _ in state.undo if transform == "compile"} if state else set()
+
+
+def _will_compile(component: Component, config: OptimizeConfig, ours: set) -> bool:
+    if component.name in ours:
+        return config.compile is not False
+    return _compile_options(component, config, Report()) is not None
 
 
 def _resolve_cache(value, denoiser: Component, report: Report, ours: bool = False):

@@ -143,9 +143,10 @@ class OptimizeConfig:
     #: Step caching, off by default: None, "deepcache", "first_block", "auto", or a :class:`DeepCache` /
     #: :class:`FirstBlockCache` with its settings. Needs a pipeline (its scheduler tells where a call starts).
     cache: CacheSetting = None
-    #: Keep the scheduler's timesteps on the CPU, so schedulers that read them every step (DDIM, PNDM, DDPM)
-    #: never wait for the GPU, and hand each timestep to the compiled UNet and ControlNets as a GPU fill. Applies
-    #: to UNet pipelines on CUDA whose UNet diffopt compiles; elsewhere it is skipped with the reason.
+    #: Keep the scheduler's timesteps on the CPU, so schedulers that read them every step (DDIM, PNDM, DDPM, LCM,
+    #: TCD) never wait for the GPU, and hand each timestep to the compiled UNet and ControlNets as a GPU fill.
+    #: Applies to UNet pipelines on CUDA with such a scheduler, whose UNet and ControlNets diffopt compiles; off
+    #: elsewhere without a report line, and a ValueError with the reason where named and impossible.
     cpu_timesteps: bool = True
     #: The options the user named; a feature the installed versions lack is an error when named here
     #: and a skip with a reason otherwise. Filled in by :meth:`from_options`.

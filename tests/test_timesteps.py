@@ -4,7 +4,7 @@ import inspect
 
 import pytest
 import torch
-from conftest import flux_pipeline, sd_pipeline, tiny_controlnet
+from conftest import flux_pipeline, run_pipeline, sd_pipeline, tiny_controlnet
 
 import diffopt
 from diffopt import api
@@ -50,16 +50,46 @@ def test_euler_under_the_hook_gets_cpu_timesteps_and_sigmas():
     assert scheduler.timesteps.device.type == "cpu" and len(scheduler.timesteps) == 10
 
 
-def test_scalars_to_device_moves_only_0d_cpu_tensors_and_keeps_value_and_dtype():
-    timestep, batch, number = torch.tensor(981), torch.tensor([1.0, 2.0]), 7
+def test_scalars_to_device_moves_small_cpu_timesteps_and_keeps_values_and_dtype():
+    timestep, expanded, distinct = torch.tensor(981), torch.tensor(981.0).expand(3), torch.tensor([1.0, 2.0])
+    image, big, number = torch.zeros(1, 3, 8, 8), torch.zeros(5000), 7
     on_meta = torch.empty((), device="meta")
-    args, kwargs = scalars_to_device((timestep, batch, number), {"timestep": torch.tensor(0.5), "m": on_meta}, "meta")
-    assert args[0].device.type == "meta" and args[0].dtype == torch.int64
-    assert args[1] is batch and args[2] is number  # a batch of timesteps would need a real copy: left alone
-    assert kwargs["timestep"].device.type == "meta" and kwargs["timestep"].dtype == torch.float32
-    assert kwargs["m"] is on_meta
-    (moved,), _ = scalars_to_device((timestep,), {}, "cpu")  # the host value is what the fill writes
-    assert moved is not timestep and moved.item() == 981 and moved.dtype == torch.int64
+    args, kwargs = scalars_to_device((timestep, expanded, distinct, image, big, number), {"t": on_meta}, "meta")
+    assert [a.device.type for a in args[:3]] == ["meta"] * 3  # t, t.expand(batch) (DreamLite), anything small
+    assert (args[0].dtype, args[1].shape, args[2].shape) == (torch.int64, (3,), (2,))
+    assert args[3] is image and args[4] is big and args[5] is number and kwargs["t"] is on_meta
+    (moved, moved_batch, moved_distinct), _ = scalars_to_device((timestep, expanded, distinct), {}, "cpu")
+    assert moved is not timestep and moved.item() == 981 and moved.dtype == torch.int64  # the host value is kept
+    assert torch.equal(moved_batch, expanded) and torch.equal(moved_distinct, distinct)
+
+
+def test_hooked_scheduler_deep_copies_into_an_independent_hooked_scheduler():
+    import copy
+
+    from diffusers import DDIMScheduler
+
+    # TextToVideoZero deep-copies its scheduler on every call: the copy must set its own timesteps.
+    scheduler = DDIMScheduler()
+    apply_cpu_timesteps(scheduler)
+    copied = copy.deepcopy(scheduler)
+    copied.set_timesteps(4, device="meta")
+    scheduler.set_timesteps(10, device="meta")
+    assert (len(copied.timesteps), len(scheduler.timesteps)) == (4, 10)
+    assert copied.timesteps.device.type == "cpu"
+
+
+def test_a_compiled_unet_fed_cpu_timesteps_gives_the_same_latents():
+    # End to end on the CPU: the hook and the compiled call's conversion in a real pipeline loop (DDIM reads the
+    # timesteps on the CPU, the UNet gets them re-made by the fill) change nothing in the output.
+    from diffopt.transforms.compile import apply_compile
+
+    pipe = sd_pipeline()
+    expected = run_pipeline(pipe, steps=3)
+    hook = apply_cpu_timesteps(pipe.scheduler)
+    compiled = apply_compile(pipe.unet, {"backend": "eager", "fullgraph": True}, scalars_to=torch.device("cpu"))
+    assert torch.equal(run_pipeline(pipe, steps=3), expected)
+    compiled.undo()
+    hook.undo()
 
 
 @pytest.fixture
@@ -110,6 +140,30 @@ def test_where_it_does_not_fit_it_stays_off_silently_and_naming_it_is_an_error(p
     with pytest.raises(ValueError, match=r"needs a pipeline .* got UNet2DConditionModel"):
         diffopt.optimize(sd_pipeline().unet, compile=False, cpu_timesteps=True)
     assert isinstance(pipe.unet, UNet2DConditionModel)
+
+
+def test_schedulers_that_do_not_wait_are_left_alone(pretend_cuda):
+    from diffusers import EulerDiscreteScheduler
+
+    pipe = sd_pipeline()
+    pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    assert _entries(diffopt.optimize(pipe), "cpu_timesteps") == [] and "set_timesteps" not in vars(pipe.scheduler)
+    with pytest.raises(ValueError, match=r"EulerDiscreteScheduler does not read its timesteps every step.*DDIMScheduler"):
+        diffopt.optimize(pipe, cpu_timesteps=True)
+
+
+def test_optimize_again_with_cpu_timesteps_named_replaces_the_first(pretend_cuda):
+    # The dry run of the second call sees the UNet compiled by the first, which it will undo: not "compiled
+    # outside diffopt".
+    pipe = sd_pipeline()
+    diffopt.optimize(pipe, cpu_timesteps=True)
+    report = diffopt.optimize(pipe, cpu_timesteps=True)
+    assert [e[1] for e in _entries(report, "cpu_timesteps")] == ["applied"]
+    with pytest.raises(ValueError, match="not compiled by diffopt"):
+        diffopt.optimize(pipe, compile=False, cpu_timesteps=True)
+    assert "set_timesteps" in vars(pipe.scheduler)  # the failed call left the second optimize in place
+    diffopt.restore(pipe)
+    assert "set_timesteps" not in vars(pipe.scheduler)
 
 
 def test_on_cpu_there_is_nothing_to_wait_for_so_it_is_silent_unless_named():

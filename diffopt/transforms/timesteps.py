@@ -14,10 +14,25 @@ from __future__ import annotations
 
 import functools
 import inspect
+import types
 
 import torch
 
 from . import Change, set_instance_attr
+
+#: Schedulers that read the current timestep on the CPU every step (``alphas_cumprod[timestep]``, ``if t > 0``),
+#: and so wait for the GPU when the timesteps live there. Others (Euler, DPM-Solver, flow matching, ...) index
+#: CPU sigmas by a step counter: nothing to gain, so they keep what the pipeline asks for.
+WAITING_SCHEDULERS = (
+    "DDIMScheduler", "DDIMParallelScheduler", "DDPMScheduler", "DDPMParallelScheduler", "PNDMScheduler",
+    "LCMScheduler", "TCDScheduler",
+)
+
+
+def waits_every_step(scheduler) -> bool:
+    """Whether ``scheduler`` is (a subclass of) one of :data:`WAITING_SCHEDULERS`, by class name, so that no
+    scheduler module needs importing."""
+    return any(cls.__name__ in WAITING_SCHEDULERS for cls in type(scheduler).__mro__)
 
 
 def takes_device(scheduler) -> bool:
@@ -33,29 +48,63 @@ def takes_device(scheduler) -> bool:
 
 def apply_cpu_timesteps(scheduler) -> Change:
     """Make ``scheduler.set_timesteps`` put its timesteps on the CPU whatever device the pipeline asks for.
-    An instance attribute; the undo removes it."""
-    set_timesteps = scheduler.set_timesteps
-    signature = inspect.signature(set_timesteps)
+    An instance attribute; the undo removes it.
+
+    It is a method bound to the scheduler around the class's function, not a closure over this scheduler's
+    bound method: ``copy.deepcopy(scheduler)`` (TextToVideoZero copies its scheduler on every call) then gives a
+    copy whose hook sets the copy's timesteps, not the original's."""
+    function = type(scheduler).set_timesteps
+    own = vars(scheduler).get("set_timesteps")  # someone's instance-level hook: wrap it rather than bypass it
+    if own is not None:
+        function = own.__func__ if isinstance(own, types.MethodType) and own.__self__ is scheduler else _unbound(own)
+    signature = inspect.signature(function)  # with self
 
     # functools.wraps keeps the signature: retrieve_timesteps asks set_timesteps which arguments it accepts.
-    @functools.wraps(set_timesteps)
-    def set_timesteps_on_cpu(*args, **kwargs):
-        bound = signature.bind(*args, **kwargs)
+    @functools.wraps(function)
+    def set_timesteps_on_cpu(self, *args, **kwargs):
+        bound = signature.bind(self, *args, **kwargs)
         bound.arguments["device"] = "cpu"
-        return set_timesteps(*bound.args, **bound.kwargs)
+        return function(*bound.args, **bound.kwargs)
 
-    undo = set_instance_attr(scheduler, "set_timesteps", set_timesteps_on_cpu)
+    undo = set_instance_attr(scheduler, "set_timesteps", types.MethodType(set_timesteps_on_cpu, scheduler))
     detail = f"{type(scheduler).__name__} keeps its timesteps on the CPU: reading them never waits for the GPU"
     return Change(detail, undo)
 
 
+def _unbound(hook):
+    """A plain callable stored on an instance, as a function of (self, ...) that ignores self."""
+
+    @functools.wraps(hook)
+    def call(self, *args, **kwargs):
+        return hook(*args, **kwargs)
+
+    call.__signature__ = inspect.Signature(
+        [inspect.Parameter("self", inspect.Parameter.POSITIONAL_ONLY), *inspect.signature(hook).parameters.values()]
+    )
+    return call
+
+
+#: CPU tensors up to this many elements are moved by scalars_to_device (a timestep, or one per batch item).
+SMALL = 4096
+
+
 def scalars_to_device(args: tuple, kwargs: dict, device: torch.device):
-    """``args`` and ``kwargs`` with every 0-d CPU tensor (the timestep) made on ``device`` by a fill kernel
-    from its host value, which queues behind the GPU's work instead of waiting for it."""
+    """``args`` and ``kwargs`` with every small CPU tensor of at most one dimension (a timestep, ``t.expand(batch)``
+    or ``t[None]`` from CPU timesteps) on ``device``, without making the CPU wait for the GPU: a fill kernel from
+    the host value when all values are equal (the usual case), else an asynchronous copy from pinned memory.
+    An eager ``.to(device)`` of a CPU tensor waits for the stream, and a CPU input would keep inductor off CUDA
+    graphs."""
 
     def move(value):
-        if isinstance(value, torch.Tensor) and value.dim() == 0 and value.device.type == "cpu":
-            return torch.full((), value.item(), dtype=value.dtype, device=device)
-        return value
+        if not (isinstance(value, torch.Tensor) and value.device.type == "cpu" and value.dim() <= 1):
+            return value
+        if value.numel() > SMALL or value.numel() == 0:
+            return value
+        first = value.reshape(-1)[0]
+        if value.dim() == 0 or bool((value == first).all()):
+            return torch.full(value.shape, first.item(), dtype=value.dtype, device=device)
+        if torch.device(device).type == "cuda":
+            return value.pin_memory().to(device, non_blocking=True)
+        return value.to(device)
 
     return tuple(move(a) for a in args), {k: move(v) for k, v in kwargs.items()}
