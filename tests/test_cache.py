@@ -123,6 +123,26 @@ def test_cached_unet_step_is_the_shallow_branch_on_the_kept_feature():
     assert not any("forward" in vars(m) for m in unet.modules())
 
 
+def test_a_deep_copied_scheduler_drives_the_clock_with_its_own_timesteps():
+    import copy
+
+    # TextToVideoZero deep-copies its scheduler on every call; the copy's hooks must act on the copy.
+    pipe = sd_pipeline()
+    clock = cache_transform.StepClock(interval=2)
+    change = cache_transform.attach_clock(pipe, clock)
+    copied = copy.deepcopy(pipe.scheduler)
+    pipe.scheduler.set_timesteps(10)
+    copied.set_timesteps(4)
+    assert (len(copied.timesteps), len(pipe.scheduler.timesteps)) == (4, 10)
+    sample = torch.zeros(1, 4, 8, 8)
+    copied.step(sample, copied.timesteps[0], sample)
+    assert (clock.step, clock.reuse) == (1, True)
+    copied.set_timesteps(4)
+    assert (clock.step, clock.reuse) == (0, False)
+    change.undo()
+    assert not {"set_timesteps", "step"} & set(vars(pipe.scheduler))
+
+
 def test_compiled_modules_keep_copies_of_their_features():
     # A compiled module's outputs may sit in a CUDA-graph pool that its next replay reuses: what the cache keeps
     # must be its own copy, made in eager code after the full step.

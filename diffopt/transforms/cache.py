@@ -26,11 +26,12 @@ If ``pipe.scheduler`` is replaced after optimize, the next ``progress_bar`` call
 from __future__ import annotations
 
 import functools
+import types
 from typing import Any, Callable, Dict, List, Optional
 
 import torch
 
-from . import Change, set_instance_attr
+from . import Change, current_function, set_instance_attr
 
 # The instance attributes diffusers' cache hooks leave behind after disable_cache(); removed on undo if new.
 _DIFFUSERS_HOOK_ATTRS = ("_diffusers_hook", "forward", "_cache_config")
@@ -69,29 +70,28 @@ class _SchedulerHooks:
         self._undo: List[Callable[[], None]] = []
 
     def attach(self, scheduler) -> None:
-        clock, set_timesteps, step = self.clock, scheduler.set_timesteps, scheduler.step
-
-        # functools.wraps keeps inspect.signature: retrieve_timesteps asks set_timesteps which arguments it takes.
-        @functools.wraps(set_timesteps)
-        def hooked_set_timesteps(*args, **kwargs):
-            result = set_timesteps(*args, **kwargs)
-            clock.start()
-            return result
-
-        @functools.wraps(step)
-        def hooked_step(*args, **kwargs):
-            result = step(*args, **kwargs)
-            clock.advance()
-            return result
-
-        self._undo = [set_instance_attr(scheduler, "set_timesteps", hooked_set_timesteps),
-                      set_instance_attr(scheduler, "step", hooked_step)]  # fmt: skip
+        self._undo = [_hook(scheduler, "set_timesteps", self.clock.start), _hook(scheduler, "step", self.clock.advance)]
         self.scheduler = scheduler
 
     def detach(self) -> None:
         for undo in reversed(self._undo):
             undo()
         self._undo, self.scheduler = [], None
+
+
+def _hook(scheduler, name: str, after: Callable[[], None]) -> Callable[[], None]:
+    """``scheduler.name`` runs as before, then ``after()``; returns the undo. A method bound around
+    :func:`current_function`, so a deep-copied scheduler's hook calls the copy (and still drives this clock)."""
+    function = current_function(scheduler, name)
+
+    # functools.wraps keeps inspect.signature: retrieve_timesteps asks set_timesteps which arguments it takes.
+    @functools.wraps(function)
+    def hooked(self, *args, **kwargs):
+        result = function(self, *args, **kwargs)
+        after()
+        return result
+
+    return set_instance_attr(scheduler, name, types.MethodType(hooked, scheduler))
 
 
 def attach_clock(pipe, clock: StepClock) -> Change:

@@ -18,7 +18,7 @@ import types
 
 import torch
 
-from . import Change, set_instance_attr
+from . import Change, current_function, set_instance_attr
 
 #: Schedulers that read the current timestep on the CPU every step (``alphas_cumprod[timestep]``, ``if t > 0``),
 #: and so wait for the GPU when the timesteps live there. Others (Euler, DPM-Solver, flow matching, ...) index
@@ -50,13 +50,9 @@ def apply_cpu_timesteps(scheduler) -> Change:
     """Make ``scheduler.set_timesteps`` put its timesteps on the CPU whatever device the pipeline asks for.
     An instance attribute; the undo removes it.
 
-    It is a method bound to the scheduler around the class's function, not a closure over this scheduler's
-    bound method: ``copy.deepcopy(scheduler)`` (TextToVideoZero copies its scheduler on every call) then gives a
-    copy whose hook sets the copy's timesteps, not the original's."""
-    function = type(scheduler).set_timesteps
-    own = vars(scheduler).get("set_timesteps")  # someone's instance-level hook: wrap it rather than bypass it
-    if own is not None:
-        function = own.__func__ if isinstance(own, types.MethodType) and own.__self__ is scheduler else _unbound(own)
+    It is a method bound to the scheduler around :func:`current_function`, not a closure over this scheduler's
+    bound method, so ``copy.deepcopy(scheduler)`` gives a copy whose hook sets the copy's timesteps."""
+    function = current_function(scheduler, "set_timesteps")  # an earlier instance-level hook is kept, not bypassed
     signature = inspect.signature(function)  # with self
 
     # functools.wraps keeps the signature: retrieve_timesteps asks set_timesteps which arguments it accepts.
@@ -69,19 +65,6 @@ def apply_cpu_timesteps(scheduler) -> Change:
     undo = set_instance_attr(scheduler, "set_timesteps", types.MethodType(set_timesteps_on_cpu, scheduler))
     detail = f"{type(scheduler).__name__} keeps its timesteps on the CPU: reading them never waits for the GPU"
     return Change(detail, undo)
-
-
-def _unbound(hook):
-    """A plain callable stored on an instance, as a function of (self, ...) that ignores self."""
-
-    @functools.wraps(hook)
-    def call(self, *args, **kwargs):
-        return hook(*args, **kwargs)
-
-    call.__signature__ = inspect.Signature(
-        [inspect.Parameter("self", inspect.Parameter.POSITIONAL_ONLY), *inspect.signature(hook).parameters.values()]
-    )
-    return call
 
 
 #: CPU tensors up to this many elements are moved by scalars_to_device (a timestep, or one per batch item).
