@@ -247,20 +247,33 @@ def _sd_stage(pipe, setup: _Setup, height: int, width: int, strength: Optional[f
         extra = dict(strength=max(strength, 1 / steps))
     embeddings = setup.prompt_embeddings(dim)
 
-    def call(batch_size: int, output_type: str):
+    def inputs(batch_size: int) -> dict:
         positive, negative = embeddings(batch_size)
-        return pipe(
+        return dict(
             prompt_embeds=positive,
             negative_prompt_embeds=negative,
-            num_inference_steps=steps,
-            output_type=output_type,
-            generator=setup.generator(),
             **extra,
             # One input image per prompt: a single image for a batch is deprecated in diffusers.
             **{key: [image] * batch_size for key, image in images.items()},
+        )
+
+    return _stage("", pipe, setup, steps, inputs)
+
+
+def _stage(label: str, pipe, setup: _Setup, steps: int, inputs: Callable[[int], dict], **options) -> Stage:
+    """A Stage whose call runs ``pipe`` on ``inputs(batch_size)`` plus what every benchmark call passes: the step
+    count, a freshly seeded generator and the output type, where "latent" stands for the stage's timed output."""
+    timed_output = options.get("timed_output", "latent")
+
+    def call(batch_size: int, output_type: str):
+        return pipe(
+            **inputs(batch_size),
+            num_inference_steps=steps,
+            output_type=timed_output if output_type == "latent" else output_type,
+            generator=setup.generator(),
         ).images
 
-    return Stage("", pipe, call, steps)
+    return Stage(label, pipe, call, steps, **options)
 
 
 def _sd_txt2img(setup, height, width, weights):
@@ -323,17 +336,8 @@ def _sdxl(setup, height, width, weights):
             negative_pooled_prompt_embeds=setup.randn(batch_size, pooled, seed=4),
         )
 
-    def call(batch_size: int, output_type: str):
-        return pipe(
-            **embeddings(batch_size),
-            num_inference_steps=steps,
-            height=height,
-            width=width,
-            output_type=output_type,
-            generator=setup.generator(),
-        ).images
-
-    return [Stage("", pipe, call, steps)]
+    size = dict(height=height, width=width)
+    return [_stage("", pipe, setup, steps, lambda batch_size: dict(**embeddings(batch_size), **size))]
 
 
 # --- DeepFloyd IF: stage I, stage II, and the SD x4 upscaler as stage III --------------------------------
@@ -407,23 +411,14 @@ def _if_stage(label, pipe, setup: _Setup, height, width, family, image) -> Stage
     low_res = None if image is None else setup.randn(1, 3, *image, seed=5).clamp(-1, 1)
 
     embeddings = setup.prompt_embeddings(dim)
+    extra = {} if low_res is None else dict(image=low_res)
 
-    def call(batch_size: int, output_type: str):
+    def inputs(batch_size: int) -> dict:
         positive, negative = embeddings(batch_size)
-        extra = {} if low_res is None else dict(image=low_res)
-        return pipe(
-            prompt_embeds=positive,
-            negative_prompt_embeds=negative,
-            height=height,
-            width=width,
-            num_inference_steps=steps,
-            # IF has no VAE: "pt" is the raw denoised image, the analogue of "latent".
-            output_type="pt" if output_type == "latent" else output_type,
-            generator=setup.generator(),
-            **extra,
-        ).images
+        return dict(prompt_embeds=positive, negative_prompt_embeds=negative, height=height, width=width, **extra)
 
-    return Stage(label, pipe, call, steps, timed_output="pt", single_batch=image is not None)
+    # IF has no VAE: "pt" is the raw denoised image, the analogue of "latent".
+    return _stage(label, pipe, setup, steps, inputs, timed_output="pt", single_batch=image is not None)
 
 
 def _x4_stage(pipe, setup: _Setup, height, width) -> Stage:
@@ -433,18 +428,8 @@ def _x4_stage(pipe, setup: _Setup, height, width) -> Stage:
     positive = setup.randn(1, PROMPT_TOKENS, dim, seed=1)
     negative = setup.randn(1, PROMPT_TOKENS, dim, seed=2)
 
-    def call(batch_size: int, output_type: str):
-        return pipe(
-            prompt_embeds=positive,
-            negative_prompt_embeds=negative,
-            image=low_res,
-            noise_level=X4_NOISE_LEVEL,
-            num_inference_steps=steps,
-            output_type=output_type,
-            generator=setup.generator(),
-        ).images
-
-    return Stage("III", pipe, call, steps, single_batch=True)
+    inputs = dict(prompt_embeds=positive, negative_prompt_embeds=negative, image=low_res, noise_level=X4_NOISE_LEVEL)
+    return _stage("III", pipe, setup, steps, lambda batch_size: inputs, single_batch=True)
 
 
 # --- Transformers: SD3 Medium, Flux.1 dev and schnell -----------------------------------------------------
@@ -518,18 +503,8 @@ def _transformer_stage(pipe, setup: _Setup, height, width, family: str, negative
             )
         return found
 
-    def call(batch_size: int, output_type: str):
-        return pipe(
-            **embeddings(batch_size),
-            num_inference_steps=steps,
-            height=height,
-            width=width,
-            output_type=output_type,
-            generator=setup.generator(),
-            **extra,
-        ).images
-
-    return Stage("", pipe, call, steps)
+    size = dict(height=height, width=width)
+    return _stage("", pipe, setup, steps, lambda batch_size: dict(**embeddings(batch_size), **size, **extra))
 
 
 _BUILDERS = {
