@@ -22,6 +22,8 @@ import time
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 
+from diffopt.bench.env import count_gpu_waits
+
 variant = sys.argv[1]
 batch = int(sys.argv[2]) if len(sys.argv) > 2 else 1
 steps = int(sys.argv[3]) if len(sys.argv) > 3 else 50
@@ -124,27 +126,13 @@ if "stepgraph" in tokens:
 
 
 
-def syncs_per_call():
-    """How often one call makes the CPU wait for the GPU (torch's sync debug mode warns at each)."""
-    import warnings
-
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            call()
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-    return sum("synchroniz" in str(w.message) for w in caught)
-
-
 torch.cuda.reset_peak_memory_stats()
 with scope:
     first, _ = call()
     for _ in range(2):
         call()
     runs = [call() for _ in range(3)]
-    syncs = syncs_per_call()
+    _, syncs = count_gpu_waits(call)  # CPU/GPU waits in one call
 times = sorted(t for t, _ in runs)
 out = runs[0][1]
 rel = ((out - reference).norm() / reference.norm()).item()

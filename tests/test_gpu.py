@@ -5,6 +5,7 @@ from conftest import rel_l2, run_pipeline, sd_pipeline, tiny_controlnet, tiny_un
 
 import diffopt
 from diffopt import capabilities
+from diffopt.bench.env import count_gpu_waits
 
 pytestmark = [
     pytest.mark.gpu,
@@ -54,20 +55,6 @@ def test_dynamic_batch_rerecords_instead_of_recompiling_under_cuda_graphs():
     diffopt.restore(unet)
 
 
-def _run_counting_syncs(pipe, steps):
-    """Latents of one call, and how many times it made the CPU wait for the GPU (torch's sync debug mode)."""
-    import warnings
-
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            out = run_pipeline(pipe, steps=steps).float()
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-    return out, sum("synchroniz" in str(w.message) for w in caught)
-
-
 @pytest.mark.compile
 def test_cpu_timesteps_take_the_per_step_sync_out_of_the_loop_and_keep_the_output():
     # DDIM reads its timestep on the CPU every step; with GPU timesteps that read waits for the UNet's graph.
@@ -78,7 +65,8 @@ def test_cpu_timesteps_take_the_per_step_sync_out_of_the_loop_and_keep_the_outpu
         diffopt.optimize(pipe, cpu_timesteps=keep_on_cpu)
         for _ in range(3):  # warm-up, CUDA-graph recording, replay
             run_pipeline(pipe, steps=4)
-        results[keep_on_cpu] = {steps: _run_counting_syncs(pipe, steps) for steps in (4, 8)}
+        results[keep_on_cpu] = {
+            steps: count_gpu_waits(lambda: run_pipeline(pipe, steps=steps).float()) for steps in (4, 8)}  # fmt: skip
         assert (pipe.scheduler.timesteps.device.type == "cpu") == keep_on_cpu
     diffopt.restore(pipe)
     syncs = {k: {steps: count for steps, (_, count) in v.items()} for k, v in results.items()}

@@ -16,7 +16,7 @@ import shutil
 import subprocess
 import sys
 import time
-from typing import Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -45,6 +45,22 @@ def reset_peak_memory(device: torch.device) -> None:
 
 def peak_memory_bytes(device: torch.device) -> Optional[int]:
     return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+
+
+def count_gpu_waits(run: Callable[[], Any]) -> tuple[Any, int]:
+    """``run()``'s result and how many times it made the CPU wait for the GPU, counted by torch's sync debug mode
+    (a warning at each synchronizing call); the previous mode is put back."""
+    import warnings
+
+    previous = torch.cuda.get_sync_debug_mode()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            result = run()
+        finally:
+            torch.cuda.set_sync_debug_mode(previous)
+    return result, sum("synchroniz" in str(w.message) for w in caught)
 
 
 def matmul_peak_flops(
