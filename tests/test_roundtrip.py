@@ -167,3 +167,18 @@ def test_export_after_restore():
     exported = torch.export.export(unet, (), inputs)
     with torch.no_grad():
         assert torch.allclose(exported.module()(**inputs)[0], unet(**inputs).sample, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "name, converted",
+    [("sdxl-unet", True), ("sd15-unet", True), ("sd3-medium-transformer", False), ("flux-dev-transformer", False)],
+)
+def test_channels_last_threshold_splits_the_public_unets_from_the_transformers(name, converted):
+    # SDXL's UNet holds only 13% of its weights in convs, yet they are 24% of its FLOPs at 1024 px: the default
+    # must convert it (as the seed recipe does) and still skip transformers, whose only conv is a patch embedding.
+    from diffopt.api import MIN_CONV_SHARE_FOR_CHANNELS_LAST
+    from diffopt.bench.configs import build_model
+    from diffopt.components import conv_share
+
+    share = conv_share(build_model(name, "full", device="meta"))
+    assert (share >= MIN_CONV_SHARE_FOR_CHANNELS_LAST) is converted
