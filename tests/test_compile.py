@@ -77,6 +77,41 @@ def test_by_default_a_new_batch_size_recompiles():
     diffopt.restore(unet)
 
 
+def _symbolic_inputs_of_each_graph(compile_options):
+    """optimize() three UNets in turn, with IF's input channels (stage I: 3, stage II: 6, the x4 upscaler: 7) and
+    their own sizes, with a backend that records, per captured graph, how many of its inputs are symbolic sizes."""
+    from conftest import if_unet
+
+    torch.compiler.reset()  # no shapes remembered from an earlier call
+    symbolic = []
+
+    def recording(gm, example_inputs):
+        values = [node.meta.get("example_value") for node in gm.graph.nodes if node.op == "placeholder"]
+        sizes = [size for value in values if isinstance(value, torch.Tensor) for size in value.shape]
+        symbolic.append(sum(isinstance(value, torch.SymInt) for value in values + sizes))
+        return gm.forward
+
+    unets = [if_unet()] + [tiny_unet(in_channels=c, block_out_channels=(16, 32), cross_attention_dim=12) for c in (6, 7)]
+    for unet, size in zip(unets, (8, 32, 32)):  # IF: 64, 256 and 256 px
+        diffopt.optimize(unet, compile={"backend": recording, **compile_options})
+        inputs = unet_inputs(unet)
+        sample = torch.randn(1, unet.config.in_channels, size, size)
+        with torch.no_grad():  # sample and timestep positional, as the pipelines pass them
+            unet(sample, inputs.pop("timestep"), inputs["encoder_hidden_states"])
+        diffopt.restore(unet)
+    return symbolic
+
+
+def test_each_model_compiles_static_graphs():
+    # Every module compiled in place runs through one code object, so torch's automatic dynamic shapes see the next
+    # model's inputs as the previous one's changing shape and trace it symbolically (on an H200, IF's three stages
+    # then compiled too slowly to finish in 10 minutes). diffopt keeps each module's graph static.
+    assert _symbolic_inputs_of_each_graph({}) == [0, 0, 0]
+    # The failure this guards against, shown with torch's default (automatic dynamic shapes):
+    first, *later = _symbolic_inputs_of_each_graph({"dynamic": None})
+    assert first == 0 and min(later) > 0
+
+
 def test_many_distinct_models_compile_in_one_process():
     # Modules compiled in place share nn.Module._call_impl's code object and so one recompile limit (8).
     from diffusers import UNet2DConditionModel
