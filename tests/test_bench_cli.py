@@ -156,3 +156,28 @@ def test_merge_combines_runs_split_across_commands(tmp_path, capsys):
     assert "batch size: 1" in markdown and "batch size: 2" in markdown and "| SD - txt2img |" in markdown
     capsys.readouterr()
     _error(capsys, ["--merge", str(tmp_path / "nothing-here")])
+
+
+def test_sigterm_ends_the_run_with_what_it_measured(tmp_path, monkeypatch, capsys):
+    # What `timeout` does to a run over its limit: SIGTERM, here sent by the pipeline of IF's stage II to itself.
+    import os
+    import signal
+
+    from test_bench_run import _stop_in_second_stage
+
+    monkeypatch.setitem(recipes.RECIPES, "sigterm", _stop_in_second_stage(lambda: os.kill(os.getpid(), signal.SIGTERM)))
+    before = signal.getsignal(signal.SIGTERM)
+    out = tmp_path / "out"
+    with torch.backends.mkldnn.flags(enabled=False):
+        status = main(
+            ["bench", "--pipelines", "if", "--recipes", "sigterm,sdpa", "--steps", "1", "--warmup", "1",
+             "--repeats", "1", "--device", "cpu", "--out", str(out)]
+        )  # fmt: skip
+    assert status == 124
+    assert signal.getsignal(signal.SIGTERM) is before  # the handler lives only as long as the run
+    data = json.loads((out / "results.json").read_text())
+    (cell,) = data["cells"]
+    assert cell["status"] == "interrupted" and [stage["label"] for stage in cell["stages"]] == ["I"]
+    assert data["interrupted"].startswith("interrupted (SIGTERM) in first call (stage II)")
+    assert "interrupted" in (out / "results.md").read_text()
+    assert "stopped" in capsys.readouterr().err

@@ -172,3 +172,30 @@ def test_checkpoint_sees_every_cell_as_it_finishes(tmp_path):
     assert seen == [1, 2]
     assert len(json.loads((tmp_path / "results.json").read_text())["cells"]) == 2
     assert not (tmp_path / "results.json.tmp").exists()
+
+
+def _stop_in_second_stage(stop):
+    """A recipe that lets IF's stage I run and calls ``stop()`` at the first call of stage II's pipeline."""
+
+    def recipe(pipe):
+        if type(pipe).__name__ != "IFSuperResolutionPipeline":
+            return
+        pipe.__class__ = type(type(pipe).__name__, (type(pipe),), {"__call__": lambda self, *a, **k: stop()})
+
+    return recipe
+
+
+def test_an_interrupted_cell_keeps_its_finished_stages_and_ends_the_run(monkeypatch):
+    from diffopt.bench.measure import Interrupted
+
+    def stop():
+        raise Interrupted("SIGTERM")
+
+    monkeypatch.setitem(recipes.RECIPES, "stops", _stop_in_second_stage(stop))
+    settings = BenchSettings(pipelines=["if", "sd-txt2img"], batch_sizes=[1], recipes=["stops", "sdpa"], **QUICK)
+    run = run_benchmark(settings)
+    (cell,) = run.cells  # nothing after the interrupted cell: not sdpa, not the SD pipeline
+    assert cell.status == "interrupted" and cell.error == "interrupted (SIGTERM) in first call (stage II)"
+    assert [stage.label for stage in cell.stages] == ["I"] and cell.stages[0].steps_per_s > 0
+    assert run.interrupted.startswith("interrupted (SIGTERM) in first call (stage II), batch 1 of if")
+    assert "I" in output.format_cell(cell) and "interrupted" in output.format_cell(cell)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
+import sys
 from typing import Callable
 
 from diffopt.bench.pipelines import PIPELINES, SEED_PIPELINES
@@ -130,7 +132,8 @@ def settings_from(args: argparse.Namespace) -> BenchSettings:
 
 
 def run(args: argparse.Namespace, argv: list[str]) -> int:
-    """Run the benchmark, print the tables, write the files. Exit status 1 only if no cell succeeded."""
+    """Run the benchmark, print the tables, write the files. Exit status 1 if no cell succeeded, 124 if SIGTERM
+    stopped the run (its finished cells and stages are written all the same)."""
     import torch
 
     from diffopt.bench.output import RichProgress, write_json
@@ -142,13 +145,32 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     if settings.device and settings.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("diffopt bench: error: --device cuda, but torch.cuda.is_available() is False")
     progress = RichProgress()
+    # `timeout` and schedulers stop a run with SIGTERM: turned into Interrupted, it ends the run after recording
+    # the stages the current cell finished, and the tables and files are written as usual.
+    previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         # results.json after every cell: a run cut by a time limit keeps what it measured (see --merge).
         save = lambda partial: write_json(partial, args.out)  # noqa: E731
         result = run_benchmark(settings, progress=progress, argv=argv, checkpoint=save)
     finally:
+        signal.signal(signal.SIGTERM, previous)
         progress.stop()
-    return _report(result, args.out)
+    status = _report(result, args.out)
+    if result.interrupted:
+        print(f"diffopt bench: stopped: {result.interrupted}; the results above are what it finished", file=sys.stderr)
+        return INTERRUPTED_STATUS
+    return status
+
+
+#: The exit status of a run stopped by SIGTERM, as `timeout` reports one it stopped.
+INTERRUPTED_STATUS = 124
+
+
+def _interrupt(signum, frame):
+    from diffopt.bench.measure import Interrupted
+
+    raise Interrupted(signal.Signals(signum).name)
+
 
 
 def _report(result, out_dir: str) -> int:

@@ -31,6 +31,11 @@ from diffopt.bench.pipelines import BenchCase, Stage, build_case
 from diffopt.bench.recipes import Recipe
 
 
+class Interrupted(Exception):
+    """The run was told to stop (the CLI raises this from its SIGTERM handler, which ``timeout`` triggers). The
+    cell it lands in keeps the stages it finished, with status ``"interrupted"``, and the run ends there."""
+
+
 @dataclass
 class StageReference:
     label: str
@@ -70,7 +75,7 @@ class CellResult:
     pipeline: str
     batch_size: int
     recipe: str
-    status: str = "ok"  # "ok" | "oom" | "error"
+    status: str = "ok"  # "ok" | "oom" | "error" | "interrupted"
     error: Optional[str] = None
     traceback: Optional[str] = None
     build_s: Optional[float] = None
@@ -236,7 +241,7 @@ def measure_cell(
             cell.stages.append(_measure_stage(stage, batch_size, settings, stage_reference, phase))
         cell.peak_memory_bytes = peak_memory_bytes(device)
     except Exception as error:  # noqa: BLE001 - one failing cell (OOM included) must not end a 40-minute run
-        cell.status = "oom" if isinstance(error, OutOfMemoryError) else "error"
+        cell.status = _status(error)
         cell.error = _describe(error, phase.name)
         cell.traceback = traceback.format_exc()
         cell.peak_memory_bytes = peak_memory_bytes(device)
@@ -279,6 +284,12 @@ def _measure_stage(stage, batch_size, settings: CellSettings, reference: Optiona
     )
 
 
+def _status(error: BaseException) -> str:
+    if isinstance(error, OutOfMemoryError):
+        return "oom"
+    return "interrupted" if isinstance(error, Interrupted) else "error"
+
+
 def _oom_phase(phase: str) -> str:
     # The seed page's words: "OOM after warmup" is an OOM in the timed calls.
     if phase.startswith("timed calls"):
@@ -289,6 +300,8 @@ def _oom_phase(phase: str) -> str:
 def _describe(error: BaseException, phase: str) -> str:
     if isinstance(error, OutOfMemoryError):
         return "OOM " + _oom_phase(phase)
+    if isinstance(error, Interrupted):
+        return f"interrupted ({error}) in {phase}"
     first_line = (str(error).strip().splitlines() or [""])[0]
     return f"{type(error).__name__} in {phase}: {first_line[:300]}"
 

@@ -21,6 +21,7 @@ from diffopt.bench.env import environment, matmul_peak_flops
 from diffopt.bench.measure import (
     CellResult,
     CellSettings,
+    Interrupted,
     Reference,
     StageReference,
     StageResult,
@@ -87,6 +88,8 @@ class BenchRun:
     references: list[Reference]
     cells: list[CellResult]
     wall_s: float = 0.0
+    #: Why the run ended before its last cell (see :class:`Interrupted`), else None.
+    interrupted: Optional[str] = None
 
     def to_json(self) -> dict:
         """Everything measured, as plain data; reference outputs (tensors) are left out."""
@@ -102,6 +105,7 @@ class BenchRun:
             "environment": self.environment,
             "matmul_peak_flops": self.matmul_peak_flops,
             "wall_s": self.wall_s,
+            "interrupted": self.interrupted,
             "references": references,
             "cells": [asdict(cell) for cell in self.cells],
         }
@@ -126,7 +130,9 @@ def run_benchmark(
     """Run every cell of ``settings``; failures are recorded in their cells. Recipes are checked first.
 
     ``checkpoint(run)`` is called after every cell with the results so far, so that a run killed by a time
-    limit still leaves the cells it finished (the CLI rewrites results.json each time).
+    limit still leaves the cells it finished (the CLI rewrites results.json each time). An :class:`Interrupted`
+    raised inside a cell ends the run after that cell, whose finished stages are kept (an IF cell stopped in
+    stage III still has stages I and II); raised in an eager reference, it ends the run with the cells so far.
     """
     settings = settings.resolved()
     recipes = [resolve(spec) for spec in settings.recipes]  # fail before an hour of work, not during it
@@ -146,22 +152,29 @@ def run_benchmark(
     start = time.perf_counter()
     run = BenchRun(settings, environment(device, argv), matmul_peak_flops(device, cell_settings.dtype), [], [])
     progress.start(len(settings.pipelines) * (1 + len(settings.batch_sizes) * len(recipes)))
-    for pipeline in settings.pipelines:
-        progress.begin(f"{pipeline}: eager reference")
-        references = probe(pipeline, settings.batch_sizes, cell_settings)
-        run.references.extend(references)
-        progress.end()
-        for reference in references:
-            for recipe in recipes:
-                progress.begin(f"{pipeline} batch {reference.batch_size}: {recipe.name}")
-                cell = measure_cell(pipeline, reference.batch_size, recipe, cell_settings, reference)
-                if not recipe.caches:  # a cached step does a fraction of the counted FLOPs: MFU would overstate
-                    add_mfu(cell, run.matmul_peak_flops)
-                run.cells.append(cell)
-                run.wall_s = time.perf_counter() - start
-                if checkpoint is not None:
-                    checkpoint(run)
-                progress.end()
+    pipeline = None
+    try:
+        for pipeline in settings.pipelines:
+            progress.begin(f"{pipeline}: eager reference")
+            references = probe(pipeline, settings.batch_sizes, cell_settings)
+            run.references.extend(references)
+            progress.end()
+            for reference in references:
+                for recipe in recipes:
+                    progress.begin(f"{pipeline} batch {reference.batch_size}: {recipe.name}")
+                    cell = measure_cell(pipeline, reference.batch_size, recipe, cell_settings, reference)
+                    if not recipe.caches:  # a cached step does a fraction of the counted FLOPs: MFU would overstate
+                        add_mfu(cell, run.matmul_peak_flops)
+                    run.cells.append(cell)
+                    run.wall_s = time.perf_counter() - start
+                    if checkpoint is not None:
+                        checkpoint(run)
+                    progress.end()
+                    if cell.status == "interrupted":
+                        run.interrupted = f"{cell.error}, batch {cell.batch_size} of {pipeline}, recipe {recipe.name}"
+                        return run
+    except Interrupted as error:  # in an eager reference: nothing of it to keep
+        run.interrupted = f"interrupted ({error}) in the eager reference of {pipeline}"
     run.wall_s = time.perf_counter() - start
     return run
 
@@ -187,6 +200,7 @@ def load_run(path: str) -> BenchRun:
         references,
         cells,
         data.get("wall_s", 0.0),
+        data.get("interrupted"),
     )
 
 
