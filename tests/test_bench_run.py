@@ -199,3 +199,34 @@ def test_an_interrupted_cell_keeps_its_finished_stages_and_ends_the_run(monkeypa
     assert [stage.label for stage in cell.stages] == ["I"] and cell.stages[0].steps_per_s > 0
     assert run.interrupted.startswith("interrupted (SIGTERM) in first call (stage II), batch 1 of if")
     assert "I" in output.format_cell(cell) and "interrupted" in output.format_cell(cell)
+
+
+def test_an_interruption_in_the_eager_reference_ends_the_run_before_any_cell(monkeypatch):
+    from diffopt.bench import measure
+
+    def interrupted(*args):
+        raise measure.Interrupted("SIGTERM")
+
+    monkeypatch.setattr(measure, "_probe_stage", interrupted)
+    seen = []
+    settings = BenchSettings(pipelines=["sd-txt2img", "if"], batch_sizes=[1], recipes=["sdpa"], **QUICK)
+    run = run_benchmark(settings, checkpoint=lambda partial: seen.append(partial.interrupted))
+    assert run.cells == [] and run.interrupted == "interrupted (SIGTERM) in the eager reference of sd-txt2img"
+    assert seen == [run.interrupted]  # written to results.json at once, not only at the end
+
+
+def test_merge_keeps_a_finished_cell_over_a_later_interrupted_one():
+    from diffopt.bench.measure import CellResult
+    from diffopt.bench.runner import BenchRun, merge_runs
+
+    settings = BenchSettings(pipelines=["if"], batch_sizes=[1], recipes=["seed"], **QUICK)
+    finished = CellResult("if", 1, "seed")
+    stopped = CellResult("if", 1, "seed", status="interrupted", error="interrupted (SIGTERM) in first call (stage II)")
+    retried = CellResult("if", 1, "seed", status="error", error="RuntimeError in first call: boom")
+
+    def runs(*cells):
+        return [BenchRun(settings, {}, None, [], [cell]) for cell in cells]
+
+    assert merge_runs(runs(finished, stopped)).cells == [finished]
+    assert merge_runs(runs(stopped, finished)).cells == [finished]
+    assert merge_runs(runs(finished, retried)).cells == [retried]  # any other later measurement wins, as documented

@@ -8,9 +8,11 @@ Every list option is checked before anything is built, and a bad value is named 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import sys
+import threading
 from typing import Callable
 
 from diffopt.bench.pipelines import PIPELINES, SEED_PIPELINES
@@ -145,15 +147,12 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     if settings.device and settings.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("diffopt bench: error: --device cuda, but torch.cuda.is_available() is False")
     progress = RichProgress()
-    # `timeout` and schedulers stop a run with SIGTERM: turned into Interrupted, it ends the run after recording
-    # the stages the current cell finished, and the tables and files are written as usual.
-    previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         # results.json after every cell: a run cut by a time limit keeps what it measured (see --merge).
         save = lambda partial: write_json(partial, args.out)  # noqa: E731
-        result = run_benchmark(settings, progress=progress, argv=argv, checkpoint=save)
+        with _sigterm_interrupts():
+            result = run_benchmark(settings, progress=progress, argv=argv, checkpoint=save)
     finally:
-        signal.signal(signal.SIGTERM, previous)
         progress.stop()
     status = _report(result, args.out)
     if result.interrupted:
@@ -166,10 +165,30 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
 INTERRUPTED_STATUS = 124
 
 
-def _interrupt(signum, frame):
+@contextlib.contextmanager
+def _sigterm_interrupts():
+    """While the run lasts, SIGTERM (what `timeout` and job schedulers send) raises Interrupted, once: the run
+    records the stages the current cell finished, ends, and writes its tables and files. A second SIGTERM while
+    that happens is ignored rather than lose the cell. Signal handlers belong to the main thread, so a run started
+    from another thread keeps the default (the process ends, the cells written so far stay in results.json)."""
     from diffopt.bench.measure import Interrupted
 
-    raise Interrupted(signal.Signals(signum).name)
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    raised = []
+
+    def interrupt(signum, frame):
+        if not raised:
+            raised.append(signum)
+            raise Interrupted(signal.Signals(signum).name)
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        # None: a handler installed outside Python, which cannot be put back; the default is the next best.
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
 

@@ -31,9 +31,12 @@ from diffopt.bench.pipelines import BenchCase, Stage, build_case
 from diffopt.bench.recipes import Recipe
 
 
-class Interrupted(Exception):
+class Interrupted(BaseException):
     """The run was told to stop (the CLI raises this from its SIGTERM handler, which ``timeout`` triggers). The
-    cell it lands in keeps the stages it finished, with status ``"interrupted"``, and the run ends there."""
+    cell it lands in keeps the stages it finished, with status ``"interrupted"``, and the run ends there.
+
+    A BaseException, like KeyboardInterrupt, so that the ``except Exception`` of a failing cell or reference, and
+    torch.compile's wrapping of errors raised while it compiles (BackendCompilerFailed), let it through."""
 
 
 @dataclass
@@ -240,7 +243,7 @@ def measure_cell(
             stage_reference = references[index] if index < len(references) else None
             cell.stages.append(_measure_stage(stage, batch_size, settings, stage_reference, phase))
         cell.peak_memory_bytes = peak_memory_bytes(device)
-    except Exception as error:  # noqa: BLE001 - one failing cell (OOM included) must not end a 40-minute run
+    except (Exception, Interrupted) as error:  # noqa: BLE001 - a failing cell (OOM included) must not end the run
         cell.status = _status(error)
         cell.error = _describe(error, phase.name)
         cell.traceback = traceback.format_exc()

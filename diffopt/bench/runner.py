@@ -152,13 +152,15 @@ def run_benchmark(
     start = time.perf_counter()
     run = BenchRun(settings, environment(device, argv), matmul_peak_flops(device, cell_settings.dtype), [], [])
     progress.start(len(settings.pipelines) * (1 + len(settings.batch_sizes) * len(recipes)))
-    pipeline = None
+    where = "before the first cell"
     try:
         for pipeline in settings.pipelines:
+            where = f"the eager reference of {pipeline}"
             progress.begin(f"{pipeline}: eager reference")
             references = probe(pipeline, settings.batch_sizes, cell_settings)
             run.references.extend(references)
             progress.end()
+            where = f"between cells of {pipeline}"
             for reference in references:
                 for recipe in recipes:
                     progress.begin(f"{pipeline} batch {reference.batch_size}: {recipe.name}")
@@ -167,14 +169,17 @@ def run_benchmark(
                         add_mfu(cell, run.matmul_peak_flops)
                     run.cells.append(cell)
                     run.wall_s = time.perf_counter() - start
+                    if cell.status == "interrupted":
+                        run.interrupted = f"{cell.error}, batch {cell.batch_size} of {pipeline}, recipe {recipe.name}"
                     if checkpoint is not None:
                         checkpoint(run)
                     progress.end()
-                    if cell.status == "interrupted":
-                        run.interrupted = f"{cell.error}, batch {cell.batch_size} of {pipeline}, recipe {recipe.name}"
+                    if run.interrupted:
                         return run
-    except Interrupted as error:  # in an eager reference: nothing of it to keep
-        run.interrupted = f"interrupted ({error}) in the eager reference of {pipeline}"
+    except Interrupted as error:  # outside a cell: nothing of it to keep
+        run.interrupted = f"interrupted ({error}) in {where}"
+        if checkpoint is not None:
+            checkpoint(run)
     run.wall_s = time.perf_counter() - start
     return run
 
@@ -208,13 +213,17 @@ def merge_runs(runs: list[BenchRun]) -> BenchRun:
     """One run from several (a long benchmark split into commands that each fit a time limit).
 
     Pipelines, batch sizes and recipes are the union in first-seen order; a cell measured twice keeps its
-    last measurement. The environment is the first run's, with the others' GPUs listed if they differ.
+    last measurement, unless that one was interrupted and an earlier one finished. The environment is the first
+    run's, with the others' GPUs listed if they differ.
     """
     first = runs[0]
     cells: dict[tuple, CellResult] = {}
     references: dict[tuple, Reference] = {}
     for run in runs:
-        cells.update({(c.pipeline, c.batch_size, c.recipe): c for c in run.cells})
+        for cell in run.cells:
+            key = (cell.pipeline, cell.batch_size, cell.recipe)
+            if not (cell.status == "interrupted" and key in cells and cells[key].ok):
+                cells[key] = cell
         references.update({(r.pipeline, r.batch_size): r for r in run.references})
     settings = BenchSettings(**asdict(first.settings))
     settings.pipelines = _union(run.settings.pipelines for run in runs)
