@@ -197,13 +197,6 @@ def _compile_options(component: Component, config: OptimizeConfig, report: Repor
         report.add(component.name, "compile", SKIPPED, reason)
         return None
     options = default_options(module_device(component.module))
-    if not config.dynamic_batch:
-        # Static shapes, decided per module. Modules compiled in place share one code object, and torch's automatic
-        # dynamic shapes compare a new module's inputs with the previous module's: IF's stage II (6 channels, 256 px,
-        # after stage I's 3 and 64) was traced with symbolic sizes and had not compiled after 200 s on an H200,
-        # against 70 s static. A new shape recompiles statically instead; dynamic_batch=True or
-        # compile={"dynamic": None} gives torch's behaviour back.
-        options["dynamic"] = False
     if not isinstance(config.compile, bool):  # a dict of torch.compile options over the defaults
         user = dict(config.compile)
         # torch.compile takes a mode or inductor options, never both, and modes mean nothing to other backends.

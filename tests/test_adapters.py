@@ -252,3 +252,24 @@ def test_fuse_lora_shows_under_cuda_graphs(loras):
     both(pipe, reference, call=lambda p: p.unfuse_lora())
     assert rel_l2(run_pipeline(pipe).float().cpu(), run_pipeline(reference).float().cpu()) < bound
     diffopt.restore(pipe)
+
+
+@pytest.mark.compile
+def test_new_adapter_weights_recompile_once_then_reuse_one_graph(loras):
+    # peft keeps set_adapters weights as Python floats; torch specializes a float, then on its first change makes it
+    # a graph input. diffopt must leave that to torch (no dynamic=False), or every new weight would recompile and
+    # a weight sweep would hit dynamo's recompile limit, a hard error under fullgraph=True.
+    pipe = sd_pipeline()
+    pipe.load_lora_weights(loras["a"], adapter_name="a")
+    graphs = []
+
+    def counting(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    diffopt.optimize(pipe, compile={"backend": counting})
+    for weight in (0.5, 1.0, 1.5, 2.0, 2.5):
+        pipe.set_adapters(["a"], adapter_weights=[weight])
+        run_pipeline(pipe)
+    assert len(graphs) == 2
+    diffopt.restore(pipe)

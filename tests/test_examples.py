@@ -56,7 +56,7 @@ def test_quickstart_with_inductor_compile():
     # The default command, with fewer steps: inductor compiles the tiny UNet (tens of seconds on a CPU).
     out = run_quickstart("--steps", "2", timeout=600)
     check_common(out)
-    assert row(out, "compile", "applied", re.escape("torch.compile(fullgraph=True, dynamic=False)"))
+    assert row(out, "compile", "applied", re.escape("torch.compile(fullgraph=True)"))
     assert row(out, "compile", "applied", "undone"), "restore did not undo the compile"
     # Compiling takes far longer than one eager generation; a fast first call means nothing was compiled.
     assert number(out, r"first call\s+:\s+([\d.]+) s") > 1.0
@@ -92,7 +92,7 @@ def test_notebook_runs(tmp_path, monkeypatch):
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
     assert not [o for o in outputs if o.output_type == "error"]
     text = "".join(o.get("text", "") for o in outputs if o.output_type == "stream" and o.name == "stdout")
-    assert "unet       compile        applied    torch.compile(fullgraph=True, dynamic=False, backend='aot_eager')" in text
+    assert "unet       compile        applied    torch.compile(fullgraph=True, backend='aot_eager')" in text
     assert "graphs compiled by the second optimize: 0" in text
     assert "same output as the first optimize: True" in text
     assert "pipe.unet is unet: True" in text

@@ -6,7 +6,10 @@ the next call runs eager code again.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Optional
+import itertools
+import types
+import weakref
+from typing import Any, Callable, Dict, Optional
 
 import torch
 
@@ -23,6 +26,36 @@ def uses_cuda_graphs(options: Dict[str, Any]) -> bool:
     return options.get("mode") in CUDA_GRAPH_MODES or bool((options.get("options") or {}).get("triton.cudagraphs"))
 #: Dynamo's recompile limit while a module compiled by diffopt runs (see apply_compile).
 RECOMPILE_LIMIT = 64
+
+
+_SERIAL = itertools.count()
+# The entry of each module compiled so far (see own_entry), for as long as the module lives.
+_ENTRIES: "weakref.WeakKeyDictionary[torch.nn.Module, Callable]" = weakref.WeakKeyDictionary()
+
+
+def own_entry(module: torch.nn.Module) -> Callable:
+    """``entry(module, *args, **kwargs)`` runs ``module._call_impl``, under a code object of the module's own: what
+    diffopt compiles.
+
+    Dynamo keeps its automatic-dynamic-shape state per traced code object (by file, line and name), so modules
+    compiled through one shared entry (``nn.Module._call_impl``, which torch.compile also wraps in one shared
+    ``inner``) looked like one model changing shape: DeepFloyd IF's stage II (6 channels, 256 px, after stage I's
+    3 and 64) was traced with symbolic sizes and had not compiled after 200 s on an H200, where a static compile
+    took 70 s. With an entry each, every model's first graph is static and torch's rules apply to it alone: its
+    second batch size, or a new LoRA weight, recompiles once and then stays dynamic. The entry is defined here,
+    outside torch's files, so dynamo starts at it instead of wrapping it; it takes the module as an argument
+    rather than holding it, and is kept per module, so that optimize after restore finds the graphs compiled
+    before (dynamo caches them on the code object).
+    """
+    entry = _ENTRIES.get(module)
+    if entry is None:
+
+        def call_module(module, *args, **kwargs):
+            return module._call_impl(*args, **kwargs)
+
+        code = call_module.__code__.replace(co_name=f"call_{type(module).__name__}_{next(_SERIAL)}")
+        entry = _ENTRIES[module] = types.FunctionType(code, call_module.__globals__, code.co_name)
+    return entry
 
 
 def is_compiled(module: torch.nn.Module) -> bool:
@@ -79,8 +112,9 @@ def apply_compile(
     ``dynamic_batch`` marks the inputs' batch dimension dynamic (see :func:`mark_batch_dynamic`);
     ``scalars_to`` moves 0-d CPU tensors (timesteps kept on the CPU, see transforms/timesteps.py) to that device.
     """
-    # What nn.Module.compile does, kept in hand so the call below can run around it.
-    compiled_call = torch.compile(module._call_impl, **options)
+    # What nn.Module.compile does (through an entry of this module's own), kept in hand so the call below can run
+    # around it.
+    compiled_entry = torch.compile(own_entry(module), **options)
     dynamo_config = torch._dynamo.config
     limit_name = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"  # < 2.6
 
@@ -91,13 +125,13 @@ def apply_compile(
             torch.compiler.cudagraph_mark_step_begin()
         if dynamic_batch:
             mark_batch_dynamic(args, kwargs)
-        # Every module compiled in place shares the code object of nn.Module._call_impl, so dynamo's
-        # recompile limit (8 per code object) counts all of them together: the ninth distinct model compiled in
-        # one process (a notebook trying pipelines) fails hard under fullgraph=True. Raise it for our calls only.
+        # Dynamo's recompile limit (8 per code object) is a safety net against endless recompiles; with torch's
+        # shared wrappers it counted every model compiled in place together, and the ninth distinct model of a
+        # process (a notebook trying pipelines) failed hard under fullgraph=True. Raise it for our calls only.
         limit = getattr(dynamo_config, limit_name)
         setattr(dynamo_config, limit_name, max(limit, RECOMPILE_LIMIT))
         try:
-            return compiled_call(*args, **kwargs)
+            return compiled_entry(module, *args, **kwargs)
         finally:
             setattr(dynamo_config, limit_name, limit)
 
