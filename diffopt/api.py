@@ -273,9 +273,10 @@ def _plan_cache(target, components: List[Component], config: OptimizeConfig, rep
 
 def _plan_cpu_timesteps(target, components: List[Component], config: OptimizeConfig, report: Report):
     """The step that keeps the scheduler's timesteps on the CPU, and whether the compiled UNet and ControlNets
-    must then make each timestep on their device; ([], False) where it does not apply. On by default where it applies, so a pipeline it
-    does not fit gets no report line (``assert not report.skipped`` stays true on a CPU); named, the reason is
-    reported, and it is an error where the pipeline could run on a GPU but cannot take it."""
+    must then make each timestep on their device; ([], False) where it does not apply. On by default where it
+    applies, so a pipeline it does not fit gets no report line (``assert not report.skipped`` stays true on a
+    CPU); named, the reason is reported, and it is an error where the pipeline could run on a GPU but cannot take
+    it."""
     denoiser = next((c for c in components if c.role == DENOISER), None)
     if not config.cpu_timesteps or denoiser is None:
         return [], False
@@ -283,7 +284,8 @@ def _plan_cpu_timesteps(target, components: List[Component], config: OptimizeCon
     device = module_device(denoiser.module)
     if device.type != "cuda":  # nothing waits for a GPU: a no-op, not a missing feature
         if named:
-            report.add("scheduler", "cpu_timesteps", SKIPPED, f"{denoiser.name} runs on {device.type}; only a GPU makes the loop wait")
+            reason = f"{denoiser.name} runs on {device.type}; only a GPU makes the loop wait"
+            report.add("scheduler", "cpu_timesteps", SKIPPED, reason)
         return [], False
     reason = _cpu_timesteps_blocker(target, components, denoiser, config)
     if reason:

@@ -106,13 +106,18 @@ def test_seed_recipe_wraps_the_denoisers_in_torch_compile_without_compiling_yet(
     torch.compiler.reset()
 
 
-def test_main_writes_results(tmp_path, capsys):
-    out = tmp_path / "out"
+def _quick_bench(out, pipelines: str, recipes: str) -> int:
+    """``diffopt bench`` on the CPU with one step, one warm and one timed call; returns its exit status."""
     with torch.backends.mkldnn.flags(enabled=False):
-        status = main(
-            ["bench", "--pipelines", "sd-inpaint", "--recipes", "classic,sdpa", "--steps", "1", "--warmup", "1",
+        return main(
+            ["bench", "--pipelines", pipelines, "--recipes", recipes, "--steps", "1", "--warmup", "1",
              "--repeats", "1", "--device", "cpu", "--out", str(out)]
         )  # fmt: skip
+
+
+def test_main_writes_results(tmp_path, capsys):
+    out = tmp_path / "out"
+    status = _quick_bench(out, "sd-inpaint", "classic,sdpa")
     assert status == 0
     data = json.loads((out / "results.json").read_text())
     assert [(c["pipeline"], c["recipe"], c["status"]) for c in data["cells"]] == [
@@ -176,11 +181,7 @@ def test_sigterm_ends_the_run_with_what_it_measured(tmp_path, monkeypatch, capsy
     monkeypatch.setitem(recipes.RECIPES, "sigterm", sigterm_while_compiling)
     before = signal.getsignal(signal.SIGTERM)
     out = tmp_path / "out"
-    with torch.backends.mkldnn.flags(enabled=False):
-        status = main(
-            ["bench", "--pipelines", "if", "--recipes", "sigterm,sdpa", "--steps", "1", "--warmup", "1",
-             "--repeats", "1", "--device", "cpu", "--out", str(out)]
-        )  # fmt: skip
+    status = _quick_bench(out, "if", "sigterm,sdpa")
     assert status == 124
     assert signal.getsignal(signal.SIGTERM) is before  # the handler lives only as long as the run
     data = json.loads((out / "results.json").read_text())

@@ -133,6 +133,10 @@ def settings_from(args: argparse.Namespace) -> BenchSettings:
     )
 
 
+#: The exit status of a run stopped by SIGTERM, as `timeout` reports one it stopped.
+INTERRUPTED_STATUS = 124
+
+
 def run(args: argparse.Namespace, argv: list[str]) -> int:
     """Run the benchmark, print the tables, write the files. Exit status 1 if no cell succeeded, 124 if SIGTERM
     stopped the run (its finished cells and stages are written all the same)."""
@@ -161,10 +165,6 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     return status
 
 
-#: The exit status of a run stopped by SIGTERM, as `timeout` reports one it stopped.
-INTERRUPTED_STATUS = 124
-
-
 @contextlib.contextmanager
 def _sigterm_interrupts():
     """While the run lasts, SIGTERM (what `timeout` and job schedulers send) raises Interrupted, once: the run
@@ -189,7 +189,6 @@ def _sigterm_interrupts():
     finally:
         # None: a handler installed outside Python, which cannot be put back; the default is the next best.
         signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
-
 
 
 def _report(result, out_dir: str) -> int:

@@ -19,18 +19,17 @@ from .timesteps import scalars_to_device
 _ATTR = "_compiled_call_impl"
 #: Modes whose compiled graphs replay as CUDA graphs (their outputs live in a pool the next replay reuses).
 CUDA_GRAPH_MODES = ("reduce-overhead",)
+#: Dynamo's recompile limit while a module compiled by diffopt runs (see apply_compile).
+RECOMPILE_LIMIT = 64
+
+_SERIAL = itertools.count()
+# The entry of each module compiled so far (see own_entry), for as long as the module lives.
+_ENTRIES: "weakref.WeakKeyDictionary[torch.nn.Module, Callable]" = weakref.WeakKeyDictionary()
 
 
 def uses_cuda_graphs(options: Dict[str, Any]) -> bool:
     """Whether torch.compile ``options`` replay CUDA graphs: by mode, or by inductor's own option."""
     return options.get("mode") in CUDA_GRAPH_MODES or bool((options.get("options") or {}).get("triton.cudagraphs"))
-#: Dynamo's recompile limit while a module compiled by diffopt runs (see apply_compile).
-RECOMPILE_LIMIT = 64
-
-
-_SERIAL = itertools.count()
-# The entry of each module compiled so far (see own_entry), for as long as the module lives.
-_ENTRIES: "weakref.WeakKeyDictionary[torch.nn.Module, Callable]" = weakref.WeakKeyDictionary()
 
 
 def own_entry(module: torch.nn.Module) -> Callable:
@@ -125,9 +124,9 @@ def apply_compile(
             torch.compiler.cudagraph_mark_step_begin()
         if dynamic_batch:
             mark_batch_dynamic(args, kwargs)
-        # Dynamo's recompile limit (8 per code object) is a safety net against endless recompiles; with torch's
-        # shared wrappers it counted every model compiled in place together, and the ninth distinct model of a
-        # process (a notebook trying pipelines) failed hard under fullgraph=True. Raise it for our calls only.
+        # Dynamo's recompile limit (8 variants per code object) ends in a hard error under fullgraph=True. Our
+        # entry is per model, so it counts one model's variants: shapes, and every LoRA load, fuse or unfuse, which
+        # a notebook trying adapters runs through quickly. Raise it for our calls only.
         limit = getattr(dynamo_config, limit_name)
         setattr(dynamo_config, limit_name, max(limit, RECOMPILE_LIMIT))
         try:
