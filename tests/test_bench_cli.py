@@ -190,3 +190,35 @@ def test_sigterm_ends_the_run_with_what_it_measured(tmp_path, monkeypatch, capsy
     assert data["interrupted"].startswith("interrupted (SIGTERM) in first call (stage II)")
     assert "interrupted" in (out / "results.md").read_text()
     assert "stopped" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "pipelines, stages, expected",
+    [("if", "II,IV", ["'IV'", "'if'", "I, II, III"]), ("if,sd-txt2img", "II", ["'II'", "'sd-txt2img'", "if (I, II, III)"])],
+)
+def test_stages_not_in_a_pipeline_are_named_before_anything_runs(tmp_path, capsys, pipelines, stages, expected):
+    argv = ["bench", "--pipelines", pipelines, "--stages", stages, "--device", "cpu", "--out", str(tmp_path)]
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    for text in ["--stages", *expected]:
+        assert text in str(exit_info.value)
+    assert not list(tmp_path.iterdir())  # nothing built, nothing written
+
+
+def test_stages_run_alone_and_merge_into_one_row(tmp_path, capsys):
+    # IF's stages each in their own run, as the seed recipe needs on the GPU (each stage compiled in a fresh
+    # process); --merge joins them into the row the whole pipeline would have had.
+    quick = ["--pipelines", "if", "--recipes", "sdpa", "--steps", "1", "--warmup", "1", "--repeats", "1", "--device", "cpu"]
+    with torch.backends.mkldnn.flags(enabled=False):
+        assert main(["bench", *quick, "--stages", "II", "--out", str(tmp_path / "ii")]) == 0
+        assert main(["bench", *quick, "--stages", "III,I", "--out", str(tmp_path / "i-iii")]) == 0
+    alone = json.loads((tmp_path / "ii" / "results.json").read_text())
+    assert [stage["label"] for stage in alone["cells"][0]["stages"]] == ["II"]
+    assert "| IF (stage II) |" in (tmp_path / "ii" / "results.md").read_text()
+    assert main(["bench", "--merge", str(tmp_path / "ii"), str(tmp_path / "i-iii"), "--out", str(tmp_path / "all")]) == 0
+    merged = json.loads((tmp_path / "all" / "results.json").read_text())
+    (cell,) = merged["cells"]
+    assert [stage["label"] for stage in cell["stages"]] == ["I", "II", "III"]
+    (reference,) = merged["references"]
+    assert [stage["label"] for stage in reference["stages"]] == ["I", "II", "III"]
+    assert "| IF |" in (tmp_path / "all" / "results.md").read_text()

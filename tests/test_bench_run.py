@@ -230,3 +230,41 @@ def test_merge_keeps_a_finished_cell_over_a_later_interrupted_one():
     assert merge_runs(runs(finished, stopped)).cells == [finished]
     assert merge_runs(runs(stopped, finished)).cells == [finished]
     assert merge_runs(runs(finished, retried)).cells == [retried]  # any other later measurement wins, as documented
+
+
+def _stage(label, seconds):
+    from diffopt.bench.measure import StageResult
+
+    return StageResult(label, 1, 10, 1.0, [seconds], seconds, 10 / seconds)
+
+
+def test_merge_joins_other_stages_but_never_the_same_stage_twice():
+    from diffopt.bench.measure import CellResult
+    from diffopt.bench.runner import BenchRun, merge_runs
+
+    settings = BenchSettings(pipelines=["if"], batch_sizes=[1], recipes=["seed"], **QUICK)
+    first = CellResult("if", 1, "seed", peak_memory_bytes=5, notes=["I: a"], stages=[_stage("I", 1.0)])
+    rest = CellResult("if", 1, "seed", peak_memory_bytes=9, notes=["III: c"], stages=[_stage("III", 3.0), _stage("II", 2.0)])
+    again = CellResult("if", 1, "seed", peak_memory_bytes=1, stages=[_stage("II", 2.5)])
+    stopped = CellResult("if", 1, "seed", status="interrupted", stages=[_stage("II", 2.5)])
+
+    def merged(*cells):
+        return merge_runs([BenchRun(settings, {}, None, [], [cell]) for cell in cells]).cells
+
+    (joined,) = merged(rest, first)
+    assert [stage.label for stage in joined.stages] == ["I", "II", "III"]
+    assert joined.peak_memory_bytes == 9 and joined.notes == ["III: c", "I: a"]  # each stage ran in its own process
+    assert merged(rest, again) == [again]  # stage II twice: the later measurement wins, as for any cell
+    assert merged(first, stopped) == [first]  # an interrupted cell is never joined: the finished one stays
+
+
+def test_speedups_compare_only_cells_of_the_same_stages():
+    from diffopt.bench.measure import CellResult
+    from diffopt.bench.runner import BenchRun
+
+    settings = BenchSettings(pipelines=["if"], batch_sizes=[1], recipes=["seed", "diffopt", "diffopt-fp8"], **QUICK)
+    seed = CellResult("if", 1, "seed", stages=[_stage("I", 1.0), _stage("II", 2.0)])
+    diffopt = CellResult("if", 1, "diffopt", stages=[_stage("I", 0.5), _stage("II", 1.5)])
+    partial = CellResult("if", 1, "diffopt-fp8", stages=[_stage("II", 1.0)])
+    speedups = output.speedups(BenchRun(settings, {}, None, [], [seed, diffopt, partial]), baseline="seed")
+    assert speedups[("if", 1)] == {"seed": 1.0, "diffopt": 1.5}  # stage II alone is no speed-up over I + II

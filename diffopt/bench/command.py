@@ -15,7 +15,7 @@ import sys
 import threading
 from typing import Callable
 
-from diffopt.bench.pipelines import PIPELINES, SEED_PIPELINES
+from diffopt.bench.pipelines import PIPELINES, SEED_PIPELINES, STAGES, check_stages
 from diffopt.bench.recipes import resolve, split_specs
 from diffopt.bench.runner import DEFAULT_RECIPES, DTYPES, BenchSettings, load_run, merge_runs, run_benchmark
 
@@ -83,6 +83,9 @@ def _results(text: str) -> str:
     return path
 
 
+_STAGE_CHOICES = "; ".join(f"{name}: {','.join(labels)}" for name, labels in STAGES.items())
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:  # fmt: skip
     parser.add_argument("--pipelines", type=_pipelines, default=list(SEED_PIPELINES),
                         help=f"comma-separated, or 'all': {','.join(PIPELINES)} "
@@ -111,6 +114,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:  # fmt: skip
                              "(default: 3 on CUDA)")
     parser.add_argument("--repeats", type=_positive_int, default=None,
                         help="timed calls per stage; steps/s uses their median (default: 3 on CUDA)")
+    parser.add_argument("--stages", type=_comma_list(str), default=None,
+                        help=f"only these stages of a multi-stage pipeline ({_STAGE_CHOICES}; default: all); "
+                             "--merge joins runs of other stages into one row")
     parser.add_argument("--out", default=DEFAULT_OUT, help=f"output directory (default: {DEFAULT_OUT})")
     parser.add_argument("--merge", nargs="+", type=_results, metavar="DIR",
                         help="run nothing: merge the results.json of earlier runs (DIR or file) into --out")
@@ -130,6 +136,7 @@ def settings_from(args: argparse.Namespace) -> BenchSettings:
         weights=args.weights,
         warmup=args.warmup,
         repeats=args.repeats,
+        stages=args.stages,
     )
 
 
@@ -150,6 +157,10 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     settings = settings_from(args)
     if settings.device and settings.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("diffopt bench: error: --device cuda, but torch.cuda.is_available() is False")
+    try:
+        check_stages(settings.pipelines, settings.stages)
+    except ValueError as error:
+        raise SystemExit(f"diffopt bench: error: --stages: {error}") from None
     progress = RichProgress()
     try:
         # results.json after every cell: a run cut by a time limit keeps what it measured (see --merge).

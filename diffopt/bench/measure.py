@@ -102,6 +102,7 @@ class CellSettings:
     weights: Optional[str] = None
     warmup: int = 3
     repeats: int = 3
+    stages: Optional[list[str]] = None
 
     def build(self, pipeline: str) -> BenchCase:
         return build_case(
@@ -113,6 +114,7 @@ class CellSettings:
             height=self.height,
             width=self.width,
             weights=self.weights,
+            stages=self.stages,
         )
 
 

@@ -17,7 +17,7 @@ import sys
 from typing import Optional
 
 from diffopt.bench.measure import CellResult
-from diffopt.bench.pipelines import LABELS
+from diffopt.bench.pipelines import LABELS, STAGES
 from diffopt.bench.recipes import REFERENCE, resolve
 from diffopt.bench.runner import BenchRun
 
@@ -34,9 +34,12 @@ def format_cell(cell: Optional[CellResult]) -> str:
     return f"{measured} / {reason}" if measured else reason
 
 
-def _denoise_seconds(cell: Optional[CellResult]) -> Optional[float]:
+def _denoise_seconds(cell: Optional[CellResult], labels: Optional[list[str]] = None) -> Optional[float]:
+    """Summed median seconds of the stages; None for a failed cell, or one of other stages than ``labels``."""
     if cell is None or not cell.ok or not cell.stages:
         return None
+    if labels is not None and [stage.label for stage in cell.stages] != labels:
+        return None  # IF stage II alone against all three stages would be no speed-up at all
     return sum(stage.median_s for stage in cell.stages)
 
 
@@ -53,8 +56,11 @@ def speedups(run: BenchRun, baseline: str = REFERENCE) -> dict[tuple[str, int], 
         reference = _denoise_seconds(cells.get(baseline))
         if reference is None:
             continue
+        labels = [stage.label for stage in cells[baseline].stages]
         result[(pipeline, batch_size)] = {
-            recipe: reference / seconds for recipe, cell in cells.items() if (seconds := _denoise_seconds(cell))
+            recipe: reference / seconds
+            for recipe, cell in cells.items()
+            if (seconds := _denoise_seconds(cell, labels))
         }
     return result
 
@@ -80,8 +86,17 @@ def table_rows(run: BenchRun, batch_size: int) -> list[list[str]]:
     rows = []
     for pipeline in run.settings.pipelines:
         cells = grid.get((pipeline, batch_size), {})
-        rows.append([LABELS.get(pipeline, pipeline)] + [format_cell(cells.get(recipe)) for recipe in recipes])
+        rows.append([_row_label(run, pipeline)] + [format_cell(cells.get(recipe)) for recipe in recipes])
     return rows
+
+
+def _row_label(run: BenchRun, pipeline: str) -> str:
+    """The seed page's row label, with the stages when a run timed only some of them: "IF (stage II)"."""
+    label, every = LABELS.get(pipeline, pipeline), STAGES.get(pipeline, ())
+    picked = [stage for stage in every if stage in (run.settings.stages or every)]
+    if picked != list(every):
+        label += f" (stage{'s' if len(picked) > 1 else ''} {', '.join(picked)})"
+    return label
 
 
 def has_quality(run: BenchRun) -> bool:

@@ -29,6 +29,8 @@ from diffopt.bench.configs import build_model
 SEED_PIPELINES = ("sd-txt2img", "sd-img2img", "sd-inpaint", "sd-controlnet", "if", "sdxl")
 TRANSFORMER_PIPELINES = ("sd3-medium", "flux-dev", "flux-schnell")
 PIPELINES = SEED_PIPELINES + TRANSFORMER_PIPELINES
+#: The stages of the pipelines that chain several, in order; ``--stages`` picks among them.
+STAGES = {"if": ("I", "II", "III")}
 
 # Row labels of the seed page's tables.
 LABELS = {
@@ -111,13 +113,15 @@ def build_case(
     height: Optional[int] = None,
     width: Optional[int] = None,
     weights: Optional[str] = None,
+    stages: Optional[list[str]] = None,
 ) -> BenchCase:
     """Build benchmark pipeline ``name`` with random weights, or load it from ``weights`` if given.
 
     ``weights`` is a directory written by ``save_pretrained``: either the pipeline itself, or a folder with one
     sub-directory per benchmark pipeline (``sd-txt2img/``, ``sdxl/``, ...). For "if" it must hold
     ``stage-1/``, ``stage-2/`` and ``stage-3/``. ``steps``, ``height`` and ``width`` override the defaults of
-    ``size``; for "if", height and width are those of stage I.
+    ``size``; for "if", height and width are those of stage I. ``stages`` keeps only the named stages of a
+    pipeline in :data:`STAGES` (each IF stage takes a fixed random image, so any of them runs alone).
 
     Example:
         >>> case = build_case("if", size="tiny", steps=1)
@@ -128,12 +132,29 @@ def build_case(
         raise ValueError(f"pipeline must be one of {list(PIPELINES)}, got {name!r}")
     if size not in ("full", "tiny"):
         raise ValueError(f"size must be one of ['full', 'tiny'], got {size!r}")
+    check_stages([name], stages)
     heights = FULL_HEIGHT if size == "full" else TINY_HEIGHT
     family = "sd" if name.startswith("sd-") else name
     h = height or heights[family]
     w = width or height or heights[family]
     setup = _Setup(size, torch.device(device), dtype, steps)
-    return BenchCase(name, _BUILDERS[name](setup, h, w, _weights_dir(weights, name)))
+    built = _BUILDERS[name](setup, h, w, _weights_dir(weights, name))
+    return BenchCase(name, [stage for stage in built if not stages or stage.label in stages])
+
+
+def check_stages(pipelines: list[str], stages: Optional[list[str]]) -> None:
+    """Raise ValueError unless every pipeline has all of ``stages`` (None or empty: all stages, always fine)."""
+    if not stages:
+        return
+    for name in pipelines:
+        known = STAGES.get(name, ())
+        unknown = [stage for stage in stages if stage not in known]
+        picked = ",".join(unknown)
+        if unknown and known:
+            raise ValueError(f"{picked!r} not among the stages of {name!r}; choose from {', '.join(known)}")
+        if unknown:
+            having = ", ".join(f"{pipeline} ({', '.join(labels)})" for pipeline, labels in STAGES.items())
+            raise ValueError(f"{picked!r}: {name!r} has one stage; only these pipelines have stages: {having}")
 
 
 @dataclass

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Callable, Optional
 
 import torch
@@ -29,7 +29,7 @@ from diffopt.bench.measure import (
     measure_cell,
     probe,
 )
-from diffopt.bench.pipelines import SEED_PIPELINES
+from diffopt.bench.pipelines import SEED_PIPELINES, STAGES, check_stages
 from diffopt.bench.recipes import resolve
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -58,6 +58,8 @@ class BenchSettings:
     weights: Optional[str] = None
     warmup: Optional[int] = None
     repeats: Optional[int] = None
+    #: Only these stages of multi-stage pipelines (IF); None: all of them.
+    stages: Optional[list[str]] = None
 
     def resolved(self) -> "BenchSettings":
         """A copy with the defaults filled in: on CUDA the seed's setup (full size, fp16, batch 1 and 4,
@@ -77,6 +79,7 @@ class BenchSettings:
             weights=self.weights,
             warmup=self.warmup if self.warmup is not None else (3 if cuda else 2),
             repeats=self.repeats if self.repeats is not None else (7 if cuda else 2),
+            stages=self.stages,
         )
 
 
@@ -136,6 +139,7 @@ def run_benchmark(
     """
     settings = settings.resolved()
     recipes = [resolve(spec) for spec in settings.recipes]  # fail before an hour of work, not during it
+    check_stages(settings.pipelines, settings.stages)
     progress = progress or NullProgress()
     device = torch.device(settings.device)
     cell_settings = CellSettings(
@@ -148,6 +152,7 @@ def run_benchmark(
         weights=settings.weights,
         warmup=settings.warmup,
         repeats=settings.repeats,
+        stages=settings.stages,
     )
     start = time.perf_counter()
     run = BenchRun(settings, environment(device, argv), matmul_peak_flops(device, cell_settings.dtype), [], [])
@@ -213,8 +218,9 @@ def merge_runs(runs: list[BenchRun]) -> BenchRun:
     """One run from several (a long benchmark split into commands that each fit a time limit).
 
     Pipelines, batch sizes and recipes are the union in first-seen order; a cell measured twice keeps its
-    last measurement, unless that one was interrupted and an earlier one finished. The environment is the first
-    run's, with the others' GPUs listed if they differ.
+    last measurement, unless that one was interrupted and an earlier one finished. Two finished cells of other
+    stages of one pipeline (``--stages I`` and ``--stages II`` runs) become one cell with both, as do their
+    references. The environment is the first run's, with the others' GPUs listed if they differ.
     """
     first = runs[0]
     cells: dict[tuple, CellResult] = {}
@@ -222,13 +228,24 @@ def merge_runs(runs: list[BenchRun]) -> BenchRun:
     for run in runs:
         for cell in run.cells:
             key = (cell.pipeline, cell.batch_size, cell.recipe)
-            if not (cell.status == "interrupted" and key in cells and cells[key].ok):
+            earlier = cells.get(key)
+            if earlier is not None and earlier.ok and cell.ok and _other_stages(earlier, cell):
+                cells[key] = _joined_cell(earlier, cell)
+            elif not (cell.status == "interrupted" and earlier is not None and earlier.ok):
                 cells[key] = cell
-        references.update({(r.pipeline, r.batch_size): r for r in run.references})
+        for reference in run.references:
+            key = (reference.pipeline, reference.batch_size)
+            earlier = references.get(key)
+            if earlier is not None and not earlier.error and not reference.error and _other_stages(earlier, reference):
+                reference = replace(earlier, stages=_in_stage_order(reference.pipeline, earlier.stages + reference.stages))
+            references[key] = reference
     settings = BenchSettings(**asdict(first.settings))
     settings.pipelines = _union(run.settings.pipelines for run in runs)
     settings.batch_sizes = sorted(_union(run.settings.batch_sizes for run in runs))
     settings.recipes = _union(run.settings.recipes for run in runs)
+    # None (all stages) wins over any subset.
+    subsets = [run.settings.stages for run in runs]
+    settings.stages = None if None in subsets else _union(subsets)
     environment = dict(first.environment)
     gpus = _union([run.environment.get("gpu")] for run in runs)
     if len(gpus) > 1:
@@ -241,6 +258,30 @@ def merge_runs(runs: list[BenchRun]) -> BenchRun:
         list(references.values()),
         list(cells.values()),
         sum(run.wall_s for run in runs),
+    )
+
+
+def _other_stages(earlier, later) -> bool:
+    """Whether two results of one multi-stage pipeline hold different stages, none of them twice."""
+    first, second = ([stage.label for stage in result.stages] for result in (earlier, later))
+    return bool(first) and bool(second) and all(first + second) and not set(first) & set(second)
+
+
+def _in_stage_order(pipeline: str, stages: list) -> list:
+    order = STAGES.get(pipeline, ())
+    return sorted(stages, key=lambda stage: order.index(stage.label) if stage.label in order else len(order))
+
+
+def _joined_cell(earlier: CellResult, later: CellResult) -> CellResult:
+    """One cell from two runs of other stages: each ran in its own process, so the peak is the larger one."""
+    peaks = [cell.peak_memory_bytes for cell in (earlier, later) if cell.peak_memory_bytes is not None]
+    builds = [cell.build_s for cell in (earlier, later) if cell.build_s is not None]
+    return replace(
+        earlier,
+        build_s=max(builds) if builds else None,
+        peak_memory_bytes=max(peaks) if peaks else None,
+        notes=_union([earlier.notes, later.notes]),
+        stages=_in_stage_order(earlier.pipeline, earlier.stages + later.stages),
     )
 
 
