@@ -212,6 +212,7 @@ def test_stages_run_alone_and_merge_into_one_row(tmp_path, capsys):
     with torch.backends.mkldnn.flags(enabled=False):
         assert main(["bench", *quick, "--stages", "II", "--out", str(tmp_path / "ii")]) == 0
         assert main(["bench", *quick, "--stages", "III,I", "--out", str(tmp_path / "i-iii")]) == 0
+        assert main(["bench", *quick, "--stages", "I", "--batch-sizes", "2", "--out", str(tmp_path / "i-bs2")]) == 0
     alone = json.loads((tmp_path / "ii" / "results.json").read_text())
     assert [stage["label"] for stage in alone["cells"][0]["stages"]] == ["II"]
     assert "| IF (stage II) |" in (tmp_path / "ii" / "results.md").read_text()
@@ -222,3 +223,8 @@ def test_stages_run_alone_and_merge_into_one_row(tmp_path, capsys):
     (reference,) = merged["references"]
     assert [stage["label"] for stage in reference["stages"]] == ["I", "II", "III"]
     assert "| IF |" in (tmp_path / "all" / "results.md").read_text()
+    # Each row names the stages its batch size has: all three at batch 1, stage I alone at batch 2.
+    runs = [str(tmp_path / name) for name in ("ii", "i-iii", "i-bs2")]
+    assert main(["bench", "--merge", *runs, "--out", str(tmp_path / "rows")]) == 0
+    markdown = (tmp_path / "rows" / "results.md").read_text()
+    assert "| IF |" in markdown.split("batch size: 2")[0] and "| IF (stage I) |" in markdown.split("batch size: 2")[1]

@@ -86,14 +86,17 @@ def table_rows(run: BenchRun, batch_size: int) -> list[list[str]]:
     rows = []
     for pipeline in run.settings.pipelines:
         cells = grid.get((pipeline, batch_size), {})
-        rows.append([_row_label(run, pipeline)] + [format_cell(cells.get(recipe)) for recipe in recipes])
+        rows.append([_row_label(run, pipeline, batch_size)] + [format_cell(cells.get(recipe)) for recipe in recipes])
     return rows
 
 
-def _row_label(run: BenchRun, pipeline: str) -> str:
-    """The seed page's row label, with the stages when a run timed only some of them: "IF (stage II)"."""
+def _row_label(run: BenchRun, pipeline: str, batch_size: int) -> str:
+    """The seed page's row label, with the stages when a run timed only some of them: "IF (stage II)". The eager
+    reference ran the stages picked for this row (merged runs may differ by batch size), else the settings say."""
     label, every = LABELS.get(pipeline, pipeline), STAGES.get(pipeline, ())
-    picked = [stage for stage in every if stage in (run.settings.stages or every)]
+    timed = [stage.label for ref in run.references if (ref.pipeline, ref.batch_size) == (pipeline, batch_size)
+             for stage in ref.stages]
+    picked = [stage for stage in every if stage in (timed or run.settings.stages or every)]
     if picked != list(every):
         label += f" (stage{'s' if len(picked) > 1 else ''} {', '.join(picked)})"
     return label
