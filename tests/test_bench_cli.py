@@ -205,6 +205,13 @@ def test_stages_not_in_a_pipeline_are_named_before_anything_runs(tmp_path, capsy
     assert not list(tmp_path.iterdir())  # nothing built, nothing written
 
 
+def test_stages_with_merge_is_refused(tmp_path):
+    (tmp_path / "results.json").write_text("{}")  # --merge only checks that it exists before this refusal
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "--merge", str(tmp_path), "--stages", "II", "--out", str(tmp_path / "out")])
+    assert "--stages" in str(exit_info.value) and "--merge" in str(exit_info.value)
+
+
 def test_stages_run_alone_and_merge_into_one_row(tmp_path, capsys):
     # IF's stages each in their own run, as the seed recipe needs on the GPU (each stage compiled in a fresh
     # process); --merge joins them into the row the whole pipeline would have had.

@@ -268,3 +268,43 @@ def test_speedups_compare_only_cells_of_the_same_stages():
     partial = CellResult("if", 1, "diffopt-fp8", stages=[_stage("II", 1.0)])
     speedups = output.speedups(BenchRun(settings, {}, None, [], [seed, diffopt, partial]), baseline="seed")
     assert speedups[("if", 1)] == {"seed": 1.0, "diffopt": 1.5}  # stage II alone is no speed-up over I + II
+
+
+def test_merge_resumes_an_interrupted_cell_with_the_stages_it_did_not_reach():
+    from diffopt.bench.measure import CellResult, Reference, StageReference
+    from diffopt.bench.runner import BenchRun, merge_runs
+
+    def reference(*labels, error=None):
+        return Reference("if", 1, [StageReference(label, 10, None, None, None) for label in labels], error)
+
+    full = BenchSettings(pipelines=["if"], batch_sizes=[1], recipes=["seed"], **QUICK)
+    rest = BenchSettings(pipelines=["if"], batch_sizes=[1], recipes=["seed"], stages=["II", "III"], **QUICK)
+    stopped = CellResult("if", 1, "seed", status="interrupted", error="interrupted (SIGTERM) in first call (stage II)",
+                         traceback="...", stages=[_stage("I", 1.0)])
+    resumed = CellResult("if", 1, "seed", stages=[_stage("II", 2.0), _stage("III", 3.0)])
+    only_iii = CellResult("if", 1, "seed", stages=[_stage("III", 3.0)])
+    runs = [BenchRun(full, {}, None, [reference("I", "II", "III")], [stopped]),
+            BenchRun(rest, {}, None, [reference("II", "III")], [resumed])]
+    merged = merge_runs(runs)
+    (cell,) = merged.cells
+    assert [stage.label for stage in cell.stages] == ["I", "II", "III"] and cell.ok and cell.error is None
+    assert [stage.label for stage in merged.references[0].stages] == ["I", "II", "III"]  # not cut to II, III
+    assert merged.settings.stages is None  # one run timed every stage
+    assert output.table_rows(merged, 1)[0][0] == "IF"
+    # Stage II never measured: nothing resumes, the later cell wins whole.
+    gap = merge_runs([runs[0], BenchRun(rest, {}, None, [], [only_iii])])
+    assert [stage.label for stage in gap.cells[0].stages] == ["III"]
+
+
+def test_a_failed_reference_neither_replaces_a_good_one_nor_labels_the_row():
+    from diffopt.bench.measure import CellResult, Reference, StageReference
+    from diffopt.bench.runner import BenchRun, merge_runs
+
+    settings = BenchSettings(pipelines=["if"], batch_sizes=[1], recipes=["seed"], **QUICK)
+    good = Reference("if", 1, [StageReference(label, 10, None, None, None) for label in ("I", "II", "III")])
+    failed = Reference("if", 1, [StageReference("I", 10, None, None, None)], error="OutOfMemoryError in reference call")
+    cell = CellResult("if", 1, "seed", stages=[_stage("I", 1.0), _stage("II", 2.0), _stage("III", 3.0)])
+    merged = merge_runs([BenchRun(settings, {}, None, [good], [cell]), BenchRun(settings, {}, None, [failed], [])])
+    assert merged.references == [good]
+    alone = BenchRun(settings, {}, None, [failed], [cell])  # the reference ran out of memory after stage I
+    assert output.table_rows(alone, 1)[0][0] == "IF"

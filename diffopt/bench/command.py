@@ -151,6 +151,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
 
     from diffopt.bench.output import RichProgress, write_json
 
+    if args.merge and args.stages:
+        raise SystemExit("diffopt bench: error: --stages picks what a run times; --merge runs nothing (leave one out)")
     if args.merge:
         result = merge_runs([load_run(path) for path in args.merge])
         return _report(result, args.out)

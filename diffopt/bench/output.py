@@ -94,8 +94,8 @@ def _row_label(run: BenchRun, pipeline: str, batch_size: int) -> str:
     """The seed page's row label, with the stages when a run timed only some of them: "IF (stage II)". The eager
     reference ran the stages picked for this row (merged runs may differ by batch size), else the settings say."""
     label, every = LABELS.get(pipeline, pipeline), STAGES.get(pipeline, ())
-    timed = [stage.label for ref in run.references if (ref.pipeline, ref.batch_size) == (pipeline, batch_size)
-             for stage in ref.stages]
+    timed = [stage.label for ref in run.references
+             if (ref.pipeline, ref.batch_size) == (pipeline, batch_size) and not ref.error for stage in ref.stages]
     picked = [stage for stage in every if stage in (timed or run.settings.stages or every)]
     if picked != list(every):
         label += f" (stage{'s' if len(picked) > 1 else ''} {', '.join(picked)})"
@@ -144,7 +144,7 @@ def quality_rows(run: BenchRun, batch_size: int) -> list[list[str]]:
     rows = []
     for pipeline in run.settings.pipelines:
         cells, factors = grid.get((pipeline, batch_size), {}), ups.get((pipeline, batch_size), {})
-        rows.append([LABELS.get(pipeline, pipeline)] + [format_quality(cells.get(r), factors.get(r)) for r in recipes])
+        rows.append([_row_label(run, pipeline, batch_size)] + [format_quality(cells.get(r), factors.get(r)) for r in recipes])
     return rows
 
 
@@ -291,7 +291,7 @@ def plot_speedups(run: BenchRun, path: str) -> Optional[str]:
             axis.bar(positions, values, width, label=recipe)
         axis.axhline(1.0, color="grey", linewidth=0.8)
         axis.set_xticks(range(len(pipelines)))
-        axis.set_xticklabels([LABELS.get(p, p) for p in pipelines], rotation=30, ha="right")
+        axis.set_xticklabels([_row_label(run, p, batch_size) for p in pipelines], rotation=30, ha="right")
         axis.set_title(f"batch size {batch_size}")
         axis.set_ylabel(f"speed-up over {'eager ' if baseline == REFERENCE else ''}{baseline}")
     axes[0][0].legend()

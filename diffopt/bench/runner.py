@@ -220,7 +220,10 @@ def merge_runs(runs: list[BenchRun]) -> BenchRun:
     Pipelines, batch sizes and recipes are the union in first-seen order; a cell measured twice keeps its
     last measurement, unless that one was interrupted and an earlier one finished. Two finished cells of other
     stages of one pipeline (``--stages I`` and ``--stages II`` runs) become one cell with both, as do their
-    references. The environment is the first run's, with the others' GPUs listed if they differ.
+    references; so does a cell interrupted after stage I with a later ``--stages II,III`` run that resumes it.
+    Overlapping stages are not joined: the later cell wins whole. Join runs of one machine and one set of
+    settings: the merged settings are the first run's (each stage keeps its own step count). The environment is
+    the first run's, with the others' GPUs listed if they differ.
     """
     first = runs[0]
     cells: dict[tuple, CellResult] = {}
@@ -229,14 +232,16 @@ def merge_runs(runs: list[BenchRun]) -> BenchRun:
         for cell in run.cells:
             key = (cell.pipeline, cell.batch_size, cell.recipe)
             earlier = cells.get(key)
-            if earlier is not None and earlier.ok and cell.ok and _other_stages(earlier, cell):
+            if earlier is not None and cell.ok and _other_stages(earlier, cell) and (earlier.ok or _resumes(earlier, cell)):
                 cells[key] = _joined_cell(earlier, cell)
             elif not (cell.status == "interrupted" and earlier is not None and earlier.ok):
                 cells[key] = cell
         for reference in run.references:
             key = (reference.pipeline, reference.batch_size)
             earlier = references.get(key)
-            if earlier is not None and not earlier.error and not reference.error and _other_stages(earlier, reference):
+            if earlier is not None and not earlier.error and (reference.error or _covers(earlier, reference)):
+                continue  # a failed reference never replaces a good one; one of stages already held adds nothing
+            if earlier is not None and not earlier.error and _other_stages(earlier, reference):
                 reference = replace(earlier, stages=_in_stage_order(reference.pipeline, earlier.stages + reference.stages))
             references[key] = reference
     settings = BenchSettings(**asdict(first.settings))
@@ -267,6 +272,19 @@ def _other_stages(earlier, later) -> bool:
     return bool(first) and bool(second) and all(first + second) and not set(first) & set(second)
 
 
+def _covers(earlier: Reference, later: Reference) -> bool:
+    return {stage.label for stage in later.stages} <= {stage.label for stage in earlier.stages}
+
+
+def _resumes(interrupted: CellResult, later: CellResult) -> bool:
+    """Whether ``later`` times exactly the stages after the last one ``interrupted`` finished."""
+    order = list(STAGES.get(interrupted.pipeline, ()))
+    if interrupted.status != "interrupted" or not interrupted.stages or not order:
+        return False
+    start = order.index(interrupted.stages[-1].label) + 1 if interrupted.stages[-1].label in order else len(order)
+    return [stage.label for stage in later.stages] == order[start:]
+
+
 def _in_stage_order(pipeline: str, stages: list) -> list:
     order = STAGES.get(pipeline, ())
     return sorted(stages, key=lambda stage: order.index(stage.label) if stage.label in order else len(order))
@@ -278,6 +296,9 @@ def _joined_cell(earlier: CellResult, later: CellResult) -> CellResult:
     builds = [cell.build_s for cell in (earlier, later) if cell.build_s is not None]
     return replace(
         earlier,
+        status="ok",  # both finished, or the later one finished what the interrupted one began
+        error=None,
+        traceback=None,
         build_s=max(builds) if builds else None,
         peak_memory_bytes=max(peaks) if peaks else None,
         notes=_union([earlier.notes, later.notes]),
