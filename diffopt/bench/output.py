@@ -144,7 +144,8 @@ def quality_rows(run: BenchRun, batch_size: int) -> list[list[str]]:
     rows = []
     for pipeline in run.settings.pipelines:
         cells, factors = grid.get((pipeline, batch_size), {}), ups.get((pipeline, batch_size), {})
-        rows.append([_row_label(run, pipeline, batch_size)] + [format_quality(cells.get(r), factors.get(r)) for r in recipes])
+        qualities = [format_quality(cells.get(recipe), factors.get(recipe)) for recipe in recipes]
+        rows.append([_row_label(run, pipeline, batch_size)] + qualities)
     return rows
 
 

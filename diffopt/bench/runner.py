@@ -231,19 +231,10 @@ def merge_runs(runs: list[BenchRun]) -> BenchRun:
     for run in runs:
         for cell in run.cells:
             key = (cell.pipeline, cell.batch_size, cell.recipe)
-            earlier = cells.get(key)
-            if earlier is not None and cell.ok and _other_stages(earlier, cell) and (earlier.ok or _resumes(earlier, cell)):
-                cells[key] = _joined_cell(earlier, cell)
-            elif not (cell.status == "interrupted" and earlier is not None and earlier.ok):
-                cells[key] = cell
+            cells[key] = _merged_cell(cells.get(key), cell)
         for reference in run.references:
             key = (reference.pipeline, reference.batch_size)
-            earlier = references.get(key)
-            if earlier is not None and not earlier.error and (reference.error or _covers(earlier, reference)):
-                continue  # a failed reference never replaces a good one; one of stages already held adds nothing
-            if earlier is not None and not earlier.error and _other_stages(earlier, reference):
-                reference = replace(earlier, stages=_in_stage_order(reference.pipeline, earlier.stages + reference.stages))
-            references[key] = reference
+            references[key] = _merged_reference(references.get(key), reference)
     settings = BenchSettings(**asdict(first.settings))
     settings.pipelines = _union(run.settings.pipelines for run in runs)
     settings.batch_sizes = sorted(_union(run.settings.batch_sizes for run in runs))
@@ -266,23 +257,38 @@ def merge_runs(runs: list[BenchRun]) -> BenchRun:
     )
 
 
+def _merged_cell(earlier: Optional[CellResult], later: CellResult) -> CellResult:
+    if earlier is None:
+        return later
+    if later.ok and _other_stages(earlier, later) and (earlier.ok or _resumes(earlier, later)):
+        return _joined_cell(earlier, later)
+    return earlier if later.status == "interrupted" and earlier.ok else later
+
+
+def _merged_reference(earlier: Optional[Reference], later: Reference) -> Reference:
+    if earlier is None or earlier.error:
+        return later
+    held, new = ({stage.label for stage in ref.stages} for ref in (earlier, later))
+    if later.error or new <= held:
+        return earlier  # a failed reference never replaces a good one; one of stages already held adds nothing
+    if _other_stages(earlier, later):
+        return replace(earlier, stages=_in_stage_order(later.pipeline, earlier.stages + later.stages))
+    return later
+
+
 def _other_stages(earlier, later) -> bool:
     """Whether two results of one multi-stage pipeline hold different stages, none of them twice."""
     first, second = ([stage.label for stage in result.stages] for result in (earlier, later))
     return bool(first) and bool(second) and all(first + second) and not set(first) & set(second)
 
 
-def _covers(earlier: Reference, later: Reference) -> bool:
-    return {stage.label for stage in later.stages} <= {stage.label for stage in earlier.stages}
-
-
 def _resumes(interrupted: CellResult, later: CellResult) -> bool:
     """Whether ``later`` times exactly the stages after the last one ``interrupted`` finished."""
     order = list(STAGES.get(interrupted.pipeline, ()))
-    if interrupted.status != "interrupted" or not interrupted.stages or not order:
+    if interrupted.status != "interrupted" or not interrupted.stages or interrupted.stages[-1].label not in order:
         return False
-    start = order.index(interrupted.stages[-1].label) + 1 if interrupted.stages[-1].label in order else len(order)
-    return [stage.label for stage in later.stages] == order[start:]
+    after = order[order.index(interrupted.stages[-1].label) + 1:]
+    return [stage.label for stage in later.stages] == after
 
 
 def _in_stage_order(pipeline: str, stages: list) -> list:
