@@ -280,19 +280,6 @@ def quantize(mode: str, device) -> Gate:
             requirements.append(f"a CUDA GPU of compute capability >= {major}.{minor} (Ada, Hopper or newer)")
             found.append(problem)
     return Gate(f"{mode} quantization", not requirements, " and ".join(requirements), "; ".join(found))
-def fuse_projections(model) -> Gate:
-    """Fused QKV projections through the model's own fuse_qkv_projections, when they can be faithful: not
-    for models without the method, with added K/V attention, with LoRA layers on the projections, or whose
-    processors would ignore the fused layers."""
-    from .transforms.fuse_projections import blocker
-
-    found = blocker(model)
-    if found is None:
-        return Gate("fused QKV projections", True)
-    requirement, what = found
-    return Gate("fused QKV projections", False, requirement, what)
-
-
 class UnsupportedFeatureError(RuntimeError):
     """A feature the user asked for by name cannot run with the installed versions or hardware."""
 

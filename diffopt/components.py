@@ -101,3 +101,12 @@ def default_attention_family(module: torch.nn.Module) -> str:
     """The attention family ``restore(attention="default")`` leaves ``module`` on: the classic processors for
     UNets, ControlNets and VAEs (the deterministic, exportable state), the freshly built ones for transformers."""
     return "sdpa" if is_transformer(module) else "default"
+
+
+def execution_device(module: torch.nn.Module) -> torch.device:
+    """Where ``module`` runs: its offload hook's execution device (accelerate's model offload keeps the weights on
+    the CPU between calls), else where its weights are."""
+    device = getattr(getattr(module, "_hf_hook", None), "execution_device", None)
+    if device is not None:
+        return torch.device(device) if not isinstance(device, int) else torch.device("cuda", device)
+    return module_device(module)

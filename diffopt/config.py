@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from dataclasses import dataclass, field
 from numbers import Real
 from typing import Any, FrozenSet, Mapping, Optional, Union
@@ -94,7 +95,27 @@ class FirstBlockCache:
             raise ValueError(f"FirstBlockCache threshold must be a finite number >= 0, got {value!r}")
 
 
+class FrozenOptions(dict):
+    """A dict of torch.compile options that refuses changes: what a frozen config holds for ``compile={...}``."""
+
+    def _frozen(self, *args, **kwargs):
+        raise TypeError("OptimizeConfig.compile is read-only; build a new config (dataclasses.replace) to change it")
+
+    __setitem__ = __delitem__ = clear = pop = popitem = setdefault = update = __ior__ = _frozen
+
+
 CacheSetting = Union[None, str, DeepCache, FirstBlockCache]
+
+
+def check_compile_cache(value: Any) -> None:
+    if value is None or value is False or isinstance(value, (str, os.PathLike)):
+        if isinstance(value, str) and not value.strip():
+            raise ValueError("compile_cache must be None, False or a directory path, got an empty string")
+        return
+    raise TypeError(
+        f"compile_cache must be None (the default directory), False (no saved compiles) or a directory path, "
+        f"got {value!r} ({type(value).__name__})"
+    )
 
 
 def check_cache(value: Any) -> None:
@@ -148,6 +169,10 @@ class OptimizeConfig:
     #: Applies to UNet pipelines on CUDA with such a scheduler, whose UNet and ControlNets diffopt compiles; off
     #: elsewhere without a report line, and a ValueError with the reason where named and impossible.
     cpu_timesteps: bool = True
+    #: Where compiled kernels are saved after the first call and loaded from in the next process: None, the
+    #: default (``$DIFFOPT_CACHE_DIR``, else ``$XDG_CACHE_HOME/diffopt``, else ``~/.cache/diffopt``), a directory,
+    #: or False to neither save nor load. See :func:`diffopt.save_compiled` for images and serving.
+    compile_cache: Union[None, bool, str, "os.PathLike"] = None
     #: The options the user named; a feature the installed versions lack is an error when named here
     #: and a skip with a reason otherwise. Filled in by :meth:`from_options`.
     explicit: FrozenSet[str] = field(default=frozenset(), repr=False, compare=False)
@@ -161,8 +186,11 @@ class OptimizeConfig:
         check_choice("quantize", self.quantize, QUANTIZE_CHOICES)
         check_bool("fuse_projections", self.fuse_projections)
         check_bool("cpu_timesteps", self.cpu_timesteps)
+        check_compile_cache(self.compile_cache)
         if isinstance(self.compile, Mapping):
             self._check_compile_options(dict(self.compile))
+            # A copy of the caller's dict that cannot change: later edits to theirs would skip validation.
+            object.__setattr__(self, "compile", FrozenOptions(self.compile))
         elif not isinstance(self.compile, bool):
             raise TypeError(
                 f"compile must be True, False or a dict of torch.compile options, got {self.compile!r} "

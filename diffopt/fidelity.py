@@ -15,6 +15,7 @@ import torch
 from . import capabilities
 from .components import module_device
 from .config import QUANTIZE_CHOICES, check_choice
+from .layers import layers_of
 from .transforms.compile import is_compiled
 from .transforms.quantize import apply_quantize
 
@@ -47,7 +48,7 @@ def quantization_error(model: torch.nn.Module, inputs: Mapping[str, Any], quanti
         assert diffopt.quantization_error(pipe.unet, inputs, "int8") < 1e-2
     """
     check_choice("quantize", quantize, [c for c in QUANTIZE_CHOICES if c is not None])
-    if is_compiled(model) or "_diffopt_state" in vars(model):
+    if is_compiled(model) or any(layers_of(module) for module in model.modules()):
         raise ValueError("quantization_error measures an eager model: call it before diffopt.optimize or after restore")
     gate = capabilities.quantize(quantize, module_device(model))
     capabilities.require_or_skip(gate, True, f"quantize={quantize!r}")
@@ -55,12 +56,12 @@ def quantization_error(model: torch.nn.Module, inputs: Mapping[str, Any], quanti
         reference = _sample(model(**inputs))
     # Quantized and put back outside inference mode: the original weights moved off and back onto the GPU
     # must stay ordinary tensors, not inference tensors.
-    change = apply_quantize(model, quantize)
-    if change is None:
+    applied = apply_quantize(model, quantize)
+    if applied is None:
         return 0.0  # no layer qualifies: the output is the reference itself
     try:
         with torch.inference_mode():
             quantized = _sample(model(**inputs))
     finally:
-        change.undo()
+        applied.undo()
     return relative_l2(quantized, reference)

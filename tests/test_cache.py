@@ -123,10 +123,13 @@ def test_cached_unet_step_is_the_shallow_branch_on_the_kept_feature():
     assert not any("forward" in vars(m) for m in unet.modules())
 
 
-def test_a_deep_copied_scheduler_drives_the_clock_with_its_own_timesteps():
+def test_a_deep_copied_scheduler_carries_hooks_of_its_own():
     import copy
 
-    # TextToVideoZero deep-copies its scheduler on every call; the copy's hooks must act on the copy.
+    from diffopt.layers import layers_of
+
+    # The hooks and their clock are copied with the scheduler: the copy's hooks act on the copy's timesteps and
+    # drive the copy's clock, never the original's (a copied pipeline must not advance the original's cache).
     pipe = sd_pipeline()
     clock = cache_transform.StepClock(interval=2)
     change = cache_transform.attach_clock(pipe, clock)
@@ -136,9 +139,9 @@ def test_a_deep_copied_scheduler_drives_the_clock_with_its_own_timesteps():
     assert (len(copied.timesteps), len(pipe.scheduler.timesteps)) == (4, 10)
     sample = torch.zeros(1, 4, 8, 8)
     copied.step(sample, copied.timesteps[0], sample)
-    assert (clock.step, clock.reuse) == (1, True)
-    copied.set_timesteps(4)
     assert (clock.step, clock.reuse) == (0, False)
+    (copied_clock,) = {layer.clock for layer in layers_of(copied)}
+    assert copied_clock is not clock and (copied_clock.step, copied_clock.reuse) == (1, True)
     change.undo()
     assert not {"set_timesteps", "step"} & set(vars(pipe.scheduler))
 
@@ -420,9 +423,9 @@ def test_missing_first_block_cache_is_unsupported_when_named(monkeypatch):
 def test_deepcache_keeps_cuda_graphs_and_the_first_block_cache_turns_them_off_unless_named(monkeypatch):
     # DeepCache with CUDA graphs: same output and 2.5x the graph-less speed on an H100 (docs/caching.md). The
     # first-block cache has not been run with per-block graphs, so it drops them unless the mode is named.
-    from diffopt import api
+    from diffopt.transforms import compile as compile_transform
 
-    monkeypatch.setattr(api, "default_options", lambda device: {"mode": "reduce-overhead", "fullgraph": True, "backend": "eager"})
+    monkeypatch.setattr(compile_transform, "default_options", lambda device: {"mode": "reduce-overhead", "fullgraph": True, "backend": "eager"})
     pipe = sd_pipeline()
     report = diffopt.optimize(pipe, cache="deepcache")
     (step,) = [s for s in report.applied if s.transform == "compile"]

@@ -191,7 +191,7 @@ def test_a_failing_fuse_leaves_the_model_as_it_was(monkeypatch):
     with pytest.raises(RuntimeError, match="out of memory"):
         diffopt.optimize(model, fuse_projections=True, compile=False)
     assert_same_state(before, model_state(model))
-    assert not hasattr(model, "_diffopt_state")
+    assert not diffopt.api.is_optimized(model)
 
 
 @pytest.mark.parametrize("value", ["yes", 1, None])

@@ -91,7 +91,7 @@ def test_xformers_missing_is_an_error(monkeypatch, pipe):
 
 
 def test_failure_half_way_undoes_applied_steps(monkeypatch, pipe):
-    from diffopt import api
+    from diffopt.transforms import compile as compile_transform
 
     eager = run_pipeline(pipe)
     before = snapshot(pipe)
@@ -99,7 +99,7 @@ def test_failure_half_way_undoes_applied_steps(monkeypatch, pipe):
     def broken_compile(module, options, *extras):
         raise RuntimeError("compile exploded")
 
-    monkeypatch.setattr(api, "apply_compile", broken_compile)
+    monkeypatch.setattr(compile_transform, "apply_compile", broken_compile)
     with pytest.raises(RuntimeError, match="compile exploded"):
         diffopt.optimize(pipe)
     assert_same(before, snapshot(pipe))
@@ -107,11 +107,11 @@ def test_failure_half_way_undoes_applied_steps(monkeypatch, pipe):
 
 
 def test_failed_second_call_leaves_the_first_optimization(monkeypatch, pipe):
-    from diffopt import api
+    from diffopt.transforms import compile as compile_transform
 
     diffopt.optimize(pipe, compile=False)
     optimized = snapshot(pipe)
-    monkeypatch.setattr(api, "apply_compile", lambda m, o, *extras: (_ for _ in ()).throw(RuntimeError("boom")))
+    monkeypatch.setattr(compile_transform, "apply_compile", lambda m, o, *extras: (_ for _ in ()).throw(RuntimeError("boom")))
     with pytest.raises(RuntimeError, match="boom"):
         diffopt.optimize(pipe, compile=True)
     monkeypatch.undo()
@@ -176,9 +176,9 @@ print("SAME" if before == after else "CHANGED")
 
 
 def test_cuda_default_mode_gives_way_to_options_and_other_backends(monkeypatch, pipe):
-    from diffopt import api
+    from diffopt.transforms import compile as compile_transform
 
-    monkeypatch.setattr(api, "default_options", lambda device: {"mode": "reduce-overhead", "fullgraph": True})
+    monkeypatch.setattr(compile_transform, "default_options", lambda device: {"mode": "reduce-overhead", "fullgraph": True})
     report = diffopt.optimize(pipe, compile={"backend": "aot_eager"})
     (step,) = [s for s in report.applied if s.transform == "compile"]
     assert "mode" not in step.detail and "aot_eager" in step.detail
@@ -196,12 +196,12 @@ def test_first_controlnet_starts_a_cuda_graph_step_on_every_call(monkeypatch, ne
     from conftest import tiny_controlnet
     from diffusers import MultiControlNetModel
 
-    from diffopt import api
+    from diffopt.transforms import compile as compile_transform
 
     controlnet = tiny_controlnet() if nets == 1 else MultiControlNetModel([tiny_controlnet() for _ in range(nets)])
     pipe = sd_pipeline(controlnet=controlnet)
     eager = run_pipeline(pipe, steps=3)
-    monkeypatch.setattr(api, "default_options", lambda device: {"mode": "reduce-overhead", "fullgraph": True, "backend": "aot_eager"})
+    monkeypatch.setattr(compile_transform, "default_options", lambda device: {"mode": "reduce-overhead", "fullgraph": True, "backend": "aot_eager"})
     marks = []
     monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
     report = diffopt.optimize(pipe)

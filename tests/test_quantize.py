@@ -247,7 +247,7 @@ def test_a_failure_half_way_puts_every_layer_back(monkeypatch):
     with pytest.raises(RuntimeError, match="torchao failed"):
         diffopt.optimize(pipe, quantize="int8", compile=False)
     assert len(calls) == fail_at
-    assert "_diffopt_state" not in vars(pipe)
+    assert not diffopt.api.is_optimized(pipe)
     assert not quantized_weights(pipe.unet) and not quantized_weights(pipe.controlnet)
     assert not [m for m in pipe.unet.modules() if "extra_repr" in vars(m)]
     assert_same(before, snapshot(pipe))

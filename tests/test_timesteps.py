@@ -95,7 +95,11 @@ def test_a_compiled_unet_fed_cpu_timesteps_gives_the_same_latents():
 @pytest.fixture
 def pretend_cuda(monkeypatch):
     """Plan as if the modules were on a CUDA card; nothing here calls them, so no card is needed."""
-    monkeypatch.setattr(api, "module_device", lambda module: torch.device("cuda"))
+    from diffopt.transforms import compile as compile_transform
+    from diffopt.transforms import timesteps
+
+    for module in (compile_transform, timesteps):
+        monkeypatch.setattr(module, "execution_device", lambda module: torch.device("cuda"))
 
 
 def _entries(report, transform):
@@ -132,7 +136,7 @@ def test_where_it_does_not_fit_it_stays_off_silently_and_naming_it_is_an_error(p
     with pytest.raises(ValueError, match=r"cpu_timesteps=True: unet is not compiled by diffopt"):
         diffopt.optimize(pipe, compile=False, cpu_timesteps=True)
     assert {k: type(v) for k, v in pipe.unet.attn_processors.items()} == processors  # untouched
-    assert "set_timesteps" not in vars(pipe.scheduler) and not hasattr(pipe, api.STATE_ATTR)
+    assert "set_timesteps" not in vars(pipe.scheduler) and not api.is_optimized(pipe)
 
     with pytest.raises(ValueError, match=r"cpu_timesteps=True: FluxTransformer2DModel takes a batch of timesteps"):
         diffopt.optimize(flux_pipeline(), compile=False, cpu_timesteps=True)

@@ -1,54 +1,18 @@
-"""One file per transform. Each ``apply_*`` function changes one module and returns a :class:`Change`
-holding the closure that undoes it (or None when there was nothing to change)."""
-from __future__ import annotations
+"""One file per transform. Each holds its planner, ``plan(ctx) -> [Step]`` (which reads its options from the
+config, checks its gates, and reports what it skips and why), its ``apply_*`` function, and the layers that record
+what it changed on the objects it changed, so that undo needs nothing but those objects.
 
-import functools
-import inspect
-import types
-from dataclasses import dataclass
-from typing import Any, Callable
+:data:`ORDER` is the order they are planned and applied in; ``restore`` undoes in exactly the reverse order.
+"""
+from . import attention, cache, compile, fuse_projections, memory_format, quantize, timesteps
 
-
-@dataclass(frozen=True)
-class Change:
-    detail: str  # what changed, for the report
-    undo: Callable[[], None]
-
-
-def set_instance_attr(obj: Any, name: str, value: Any) -> Callable[[], None]:
-    """Set ``obj.name`` on the instance, never its class; return the undo (the previous instance attribute put
-    back, or ours removed so the class's shows through again)."""
-    had, previous = name in vars(obj), vars(obj).get(name)
-    setattr(obj, name, value)
-
-    def undo():
-        if had:
-            setattr(obj, name, previous)
-        else:
-            vars(obj).pop(name, None)
-
-    return undo
-
-
-def current_function(obj: Any, name: str) -> Callable:
-    """What ``obj.name`` runs now, as a function of ``(self, ...)``: the class's function, or the function of a
-    method already bound to ``obj`` on the instance (an earlier hook), or a plain callable stored on the
-    instance (which then ignores ``self``).
-
-    A hook built on it and bound to ``obj`` with :func:`types.MethodType` survives ``copy.deepcopy(obj)``: the copy's
-    hook is rebound to the copy and calls the copy's implementation, where a closure over ``obj.name`` would keep
-    driving the original (TextToVideoZero deep-copies its scheduler on every call)."""
-    own = vars(obj).get(name)
-    if own is None:
-        return getattr(type(obj), name)
-    if isinstance(own, types.MethodType) and own.__self__ is obj:
-        return own.__func__
-
-    @functools.wraps(own)
-    def call(self, *args, **kwargs):
-        return own(*args, **kwargs)
-
-    call.__signature__ = inspect.Signature(
-        [inspect.Parameter("self", inspect.Parameter.POSITIONAL_ONLY), *inspect.signature(own).parameters.values()]
-    )
-    return call
+# Processors first (compile must trace the final ones; fusing swaps some processors for fused ones, so it follows
+# the attention family); memory format before compile (compiled graphs specialize on weight strides); quantization
+# before compile (dynamo traces through torchao's weight subclasses, so the 8-bit matmuls and the activation
+# quantization become part of the graph inductor fuses; quantizing a compiled module would swap the parameters its
+# graph guards on, or leave CUDA graphs replaying the old weights); then CPU timesteps and the step cache (both hook
+# the scheduler; the timesteps hook goes first so that it comes off last), compile last: it traces the cached
+# forward, so that the block wrappers and the clock flag they read become the guards of two graphs (full step,
+# cached step). The first-block cache is the exception that proves the order: it must wrap blocks that are already
+# compiled, so its planner plans both.
+ORDER = (attention, fuse_projections, memory_format, quantize, timesteps, cache, compile)

@@ -11,7 +11,10 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from . import Change
+from .. import capabilities
+from ..layers import Applied, Layer, attach, mark
+from ..plan import Step
+from ..report import SKIPPED
 
 # kind -> family -> diffusers class name. Names are resolved at call time: old diffusers lack some.
 PROCESSORS: Dict[str, Dict[str, str]] = {
@@ -32,6 +35,7 @@ PROCESSORS: Dict[str, Dict[str, str]] = {
 # Sliced processors compute the same attention in slices to save memory; asking for a family replaces them.
 SLICED = {"SlicedAttnProcessor": "attention", "SlicedAttnAddedKVProcessor": "added_kv"}
 FAMILIES = ("default", "sdpa", "xformers")
+NAME = "attention"
 
 
 def _processor_class(name: str):
@@ -88,34 +92,83 @@ def missing_classes(family: str) -> List[str]:
     return [name] if _processor_class(name) is None else []
 
 
-def apply_attention(model: torch.nn.Module, family: str) -> Optional[Change]:
-    """Switch every replaceable processor of ``model`` to ``family`` ("default", "sdpa" or "xformers").
+class Processor(Layer):
+    """The processor an attention layer had before diffopt set ``ours``; undo puts it back unless the user set
+    another since (load_ip_adapter, unload_ip_adapter): that one is theirs."""
 
-    Returns None when nothing changed; the undo puts back the very processor objects that were there.
-    """
+    transform = NAME
+
+    def __init__(self, previous, ours):
+        self.previous, self.ours = previous, ours
+
+    def undo(self, owner) -> None:
+        if owner.processor is self.ours:
+            owner.set_processor(self.previous)
+
+
+def apply_attention(model: torch.nn.Module, family: str, record: bool = True) -> Optional[Applied]:
+    """Switch every replaceable processor of ``model`` to ``family`` ("default", "sdpa" or "xformers"), each with a
+    :class:`Processor` layer on its attention module (``record=False``: no layer, for the state ``restore`` leaves).
+    Returns what it did, or None when nothing changed."""
     if family not in FAMILIES:
         raise ValueError(f"attention family must be one of {FAMILIES}, got {family!r}")
-    before, after, kept = {}, Counter(), Counter()
-    for name, attn in attention_modules(model):
-        kind = processor_kind(attn)
-        if kind is None or family not in PROCESSORS[kind]:
-            kept[type(attn.processor).__name__] += 1
-            continue
-        new = _convert(attn.processor, kind, family)
-        if new is not attn.processor:
-            before[name] = (attn, attn.processor, new)
-            after[f"{type(attn.processor).__name__} -> {type(new).__name__}"] += 1
-            attn.set_processor(new)
-    if not before:
+    since, after, kept, done = mark(), Counter(), Counter(), []
+    try:
+        for _, attn in attention_modules(model):
+            kind = processor_kind(attn)
+            if kind is None or family not in PROCESSORS[kind]:
+                kept[type(attn.processor).__name__] += 1
+                continue
+            new = _convert(attn.processor, kind, family)
+            if new is not attn.processor:
+                layer = Processor(attn.processor, new)
+                after[f"{type(attn.processor).__name__} -> {type(new).__name__}"] += 1
+                attn.set_processor(new)
+                done.append((attn, attach(attn, layer) if record else layer))
+    except BaseException:  # a setter failing half-way: the layers switched so far go back
+        from ..layers import detach
+
+        for attn, layer in reversed(done):
+            layer.undo(attn)
+            if record:
+                detach(attn, layer)
+        raise
+    if not done:
         return None
-
-    def undo():
-        for attn, processor, ours in before.values():
-            # A processor set since optimize (load_ip_adapter, unload_ip_adapter) is the user's: keep it.
-            if attn.processor is ours:
-                attn.set_processor(processor)
-
     detail = ", ".join(f"{n}x {change}" for change, n in after.items())
     if kept:
         detail += "; kept " + ", ".join(f"{n}x {name}" for name, n in kept.items())
-    return Change(detail, undo)
+    return Applied(detail, since, model)
+
+
+def plan(ctx) -> List[Step]:
+    from . import attention_backend
+
+    if ctx.config.attention is None:
+        return []
+    steps = []
+    for component in ctx.components:
+        if ctx.config.attention not in FAMILIES or attention_backend.dispatcher_layers(component.module):
+            steps += attention_backend.plan(component, ctx)
+        else:
+            steps += _plan_family(component, ctx)
+    return steps
+
+
+def _plan_family(component, ctx) -> List[Step]:
+    family, explicit = ctx.config.attention, ctx.config.asks_for(NAME)
+    gate = {"sdpa": capabilities.sdpa, "xformers": capabilities.xformers}.get(family)
+    if gate is not None:
+        reason = capabilities.require_or_skip(gate(), explicit, f"attention={family!r}")
+        if reason:
+            ctx.report.add(component.name, NAME, SKIPPED, reason)
+            return []
+    missing = missing_classes(family)
+    if missing:
+        found = capabilities.installed_version("diffusers")
+        reason = f"attention={family!r}: diffusers {found} lacks {', '.join(missing)}"
+        if explicit:
+            raise capabilities.UnsupportedFeatureError(reason)
+        ctx.report.add(component.name, NAME, SKIPPED, reason)
+        return []
+    return [Step(component.name, NAME, lambda module=component.module: apply_attention(module, family))]

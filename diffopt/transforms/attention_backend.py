@@ -13,15 +13,18 @@ diffusers has two kinds of attention layers, and a backend has to be selected di
 """
 from __future__ import annotations
 
-import functools
 import logging
 from collections import Counter
 from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from . import Change
-from .attention import apply_attention, attention_modules
+from .. import capabilities
+from ..components import module_device, module_dtype
+from ..layers import Applied, InstanceHook, Layer, attach, detach, mark, undo_all
+from ..plan import Step
+from ..report import SKIPPED
+from .attention import NAME, apply_attention, attention_modules, missing_classes
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +54,6 @@ DISPATCHER_ONLY = ("flex", "sage")
 FAMILY = {"default": "default", "xformers": "xformers"}
 #: The order torch tries its kernels in by default; "auto" moves its pick to the front.
 TORCH_ORDER = ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH", "CUDNN_ATTENTION")
-_MARK = "__diffopt_sdpa_kernel__"
 
 
 def dispatcher_layers(model: torch.nn.Module) -> List[Tuple[str, torch.nn.Module]]:
@@ -64,63 +66,60 @@ def direct_layers(model: torch.nn.Module) -> List[Tuple[str, torch.nn.Module]]:
     return [(n, m) for n, m in attention_modules(model) if not hasattr(m.processor, "_attention_backend")]
 
 
-def kernel_of(attn: torch.nn.Module) -> Optional[Tuple[str, ...]]:
-    """The SDPA kernels a layer's forward was wrapped with by diffopt, or None."""
-    forward = attn.__dict__.get("forward")
-    return getattr(forward, _MARK, None)
-
-
 def _sdpa_backends(names):
     from torch.nn.attention import SDPBackend
 
     return [getattr(SDPBackend, n) for n in names]
 
 
-def _under_kernel(inner, backends, prefer: bool):
-    from torch.nn.attention import sdpa_kernel
+class KernelForward(InstanceHook):
+    """An attention layer's ``forward`` run under ``sdpa_kernel(kernels)``; ``prefer``: only moved to the front
+    (fallback allowed), else nothing else allowed (a kernel that cannot run raises instead of silently falling
+    back). dynamo traces the context manager into the compiled graph; the processor itself is not touched, so
+    adapters loaded later and ``attn_processors`` keep working."""
 
-    @functools.wraps(inner)  # keeps inspect.signature(attn.forward) and points __wrapped__ at the original
-    def forward_under_kernel(*args, **kwargs):
+    transform = "attention"
+
+    def __init__(self, owner, kernels: Tuple[str, ...], prefer: bool):
+        super().__init__(owner, "forward")
+        self.kernels, self.prefer = tuple(kernels), prefer
+
+    def around(self, *args, **kwargs):
+        from torch.nn.attention import sdpa_kernel
+
+        backends = _sdpa_backends(self.kernels)
         # set_priority (torch 2.6) is passed only when preferring, so forcing works on torch 2.3-2.5 too.
-        with sdpa_kernel(backends, set_priority=True) if prefer else sdpa_kernel(backends):
-            return inner(*args, **kwargs)
-
-    return forward_under_kernel
+        with sdpa_kernel(backends, set_priority=True) if self.prefer else sdpa_kernel(backends):
+            return self.inner(*args, **kwargs)
 
 
-def _wrap_forwards(layers, kernels: Tuple[str, ...], prefer: bool) -> Optional[Change]:
-    """Run each layer's forward under sdpa_kernel(kernels); ``prefer``: only move them to the front (fallback
-    allowed), else allow nothing else (a kernel that cannot run raises instead of silently falling back)."""
+def kernel_of(attn: torch.nn.Module) -> Optional[Tuple[str, ...]]:
+    """The SDPA kernels a layer's forward was wrapped with by diffopt, or None."""
+    forward = attn.__dict__.get("forward")
+    return forward.kernels if isinstance(forward, KernelForward) else None
+
+
+def _wrap_forwards(layers, kernels: Tuple[str, ...], prefer: bool) -> Optional[str]:
     if not layers:
         return None
-    backends = _sdpa_backends(kernels)
-    before = []
-    for _, attn in layers:
-        had_own = "forward" in attn.__dict__
-        previous = attn.__dict__.get("forward")
-        # attn.forward is the class's forward bound to attn, or a hook someone installed before us.
-        ours = _under_kernel(attn.forward, backends, prefer)
-        setattr(ours, _MARK, tuple(kernels))
-        attn.forward = ours
-        before.append((attn, had_own, previous, ours))
-
-    def undo():
-        for attn, had_own, previous, ours in reversed(before):
-            if attn.__dict__.get("forward") is not ours:
-                # Someone wrapped forward after us (an offload hook, ...): unwrapping would drop theirs.
-                logger.warning("diffopt: %s.forward was replaced after optimize; left as it is", type(attn).__name__)
-                continue
-            if had_own:
-                attn.forward = previous
-            else:
-                del attn.forward
-
+    done = []
+    try:
+        for _, attn in layers:
+            done.append((attn, KernelForward(attn, kernels, prefer).install()))
+    except BaseException:
+        _undo(done)
+        raise
     verb = "prefer" if prefer else "sdpa_kernel"
     classes = Counter(type(attn.processor).__name__ for _, attn in layers)
-    detail = f"{verb}({kernels[0] if prefer else ', '.join(kernels)}) on {len(layers)} layers (" + ", ".join(
+    return f"{verb}({kernels[0] if prefer else ', '.join(kernels)}) on {len(layers)} layers (" + ", ".join(
         f"{n}x {c}" for c, n in classes.items()
     ) + ")"
-    return Change(detail, undo)
+
+
+def _undo(done) -> None:
+    for owner, layer in reversed(done):
+        layer.undo(owner)
+        detach(owner, layer)
 
 
 def _registry():
@@ -134,9 +133,31 @@ def _effective(processor, active):
     return active if own is None else own
 
 
-def _set_dispatcher(model: torch.nn.Module, name: str) -> Optional[Change]:
-    """``model.set_attention_backend(name)``, with an undo that puts back each processor's own setting (attribute
-    absent, None or a backend) and diffusers' process-wide active backend."""
+class DispatcherBackend(Layer):
+    """What ``set_attention_backend`` changed: each processor's own setting (attribute absent, None or a backend)
+    and diffusers' process-wide active backend, which its ``reset_attention_backend`` leaves behind."""
+
+    transform = "attention"
+
+    def __init__(self, before, active_before, target):
+        self.before, self.active_before, self.target = before, active_before, target
+
+    def undo(self, owner) -> None:
+        for processor, had_own, value in self.before:
+            if had_own:
+                processor._attention_backend = value
+            else:
+                vars(processor).pop("_attention_backend", None)
+        _, registry = _registry()
+        if registry._active_backend == self.target:
+            registry.set_active_backend(self.active_before)
+        else:  # changed again since optimize (another model, the user): theirs now, leave it
+            logger.info("diffopt: diffusers' active attention backend changed after optimize; left at %s",
+                        registry._active_backend)
+
+
+def _set_dispatcher(model: torch.nn.Module, name: str) -> Optional[str]:
+    """``model.set_attention_backend(name)``, with a :class:`DispatcherBackend` layer on the model."""
     layers = dispatcher_layers(model)
     if not layers:
         return None  # set_attention_backend would still move the process-wide backend: do not call it
@@ -148,28 +169,19 @@ def _set_dispatcher(model: torch.nn.Module, name: str) -> Optional[Change]:
         return None
     was = Counter(str(getattr(_effective(p, active_before), "value", _effective(p, active_before))) for p in processors)
     before = [(p, "_attention_backend" in vars(p), vars(p).get("_attention_backend")) for p in processors]
-    model.set_attention_backend(name)
-
-    def undo():
-        for processor, had_own, value in before:
-            if had_own:
-                processor._attention_backend = value
-            else:
-                vars(processor).pop("_attention_backend", None)
-        if registry._active_backend == target:
-            registry.set_active_backend(active_before)
-        else:  # changed again since optimize (another model, the user): theirs now, leave it
-            logger.info("diffopt: diffusers' active attention backend changed after optimize; left at %s",
-                        registry._active_backend)
-
-    return Change(
-        f"diffusers attention backend {name!r} on {len(before)} layers (was " + ", ".join(was) + ")", undo
-    )
+    layer = DispatcherBackend(before, active_before, target)
+    try:
+        model.set_attention_backend(name)
+    except BaseException:
+        layer.undo(model)
+        raise
+    attach(model, layer)
+    return f"diffusers attention backend {name!r} on {len(before)} layers (was " + ", ".join(was) + ")"
 
 
 def apply_attention_backend(
     model: torch.nn.Module, backend: str, *, prefer: bool = False, dispatcher: bool = True
-) -> Optional[Change]:
+) -> Optional[Applied]:
     """Select attention backend ``backend`` (a value of ``attention=`` other than "auto") on every layer of ``model``.
 
     Direct layers are first put on the family's processors (SDPA for every kernel), then, for a kernel, wrapped
@@ -177,43 +189,36 @@ def apply_attention_backend(
     ``prefer=True`` (what "auto" uses) makes a kernel the first choice instead of the only one, on every layer:
     dispatcher layers go to diffusers' "native" backend and are wrapped like direct ones. ``dispatcher=False``
     leaves the dispatcher as it is. No gate is checked here: a forced kernel that cannot run raises when the model
-    runs. Returns None when nothing changed.
+    runs. Its layers sit on the modules they changed; returns what changed, or None when nothing did.
 
     Example::
 
-        change = apply_attention_backend(unet, "flash")
+        apply_attention_backend(unet, "flash")
         unet(**inputs)                    # FlashAttention, or an error where it cannot run
-        change.undo()
+        diffopt.restore(unet)
     """
     if backend not in DISPATCHER and backend != "default":
         raise ValueError(f"attention backend must be one of {['default', *DISPATCHER]}, got {backend!r}")
     kernel = KERNELS.get(backend)
-    changes = []
+    since = mark()
+    details = []
     try:
         if backend not in DISPATCHER_ONLY:
-            changes.append(apply_attention(model, FAMILY.get(backend, "sdpa")))
+            details.append(apply_attention(model, FAMILY.get(backend, "sdpa")))
         if prefer and kernel:
-            changes.append(_set_dispatcher(model, "native"))
+            details.append(_set_dispatcher(model, "native"))
             order = (kernel,) + tuple(k for k in TORCH_ORDER if k != kernel)
-            changes.append(_wrap_forwards(attention_modules(model), order, prefer=True))
+            details.append(_wrap_forwards(attention_modules(model), order, prefer=True))
         else:
             if dispatcher and backend in DISPATCHER:
-                changes.append(_set_dispatcher(model, DISPATCHER[backend]))
+                details.append(_set_dispatcher(model, DISPATCHER[backend]))
             if kernel:
-                changes.append(_wrap_forwards(direct_layers(model), (kernel,), prefer=False))
-    except Exception:
-        for change in reversed([c for c in changes if c is not None]):
-            change.undo()
+                details.append(_wrap_forwards(direct_layers(model), (kernel,), prefer=False))
+    except BaseException:  # interrupted half-way: take off what this call added
+        undo_all(model.modules(), since)
         raise
-    changes = [c for c in changes if c is not None]
-    if not changes:
-        return None
-
-    def undo():
-        for change in reversed(changes):
-            change.undo()
-
-    return Change("; ".join(c.detail for c in changes), undo)
+    details = [d.detail if isinstance(d, Applied) else d for d in details if d]
+    return Applied("; ".join(details), since, model) if details else None
 
 
 def compile_options(attention: Optional[str], options: dict) -> dict:
@@ -237,3 +242,54 @@ def compile_options(attention: Optional[str], options: dict) -> dict:
     inductor["pattern_matcher"] = False
     options["options"] = inductor
     return options
+
+
+def plan(component, ctx) -> List[Step]:
+    """A kernel ("flash", "math", ...), flex, sage or "auto"; or any choice on a model with dispatcher layers."""
+    config, report = ctx.config, ctx.report
+    module, name, explicit = component.module, config.attention, config.asks_for(NAME)
+    device, dtype = module_device(module), module_dtype(module)
+    prefix = ""
+    if name == "auto":
+        name, card = capabilities.auto_attention(device, dtype)
+        prefix, explicit = f"auto -> {name} ({card}): ", False
+    option = f"attention={config.attention!r}"
+    gates = [capabilities.attention_backend(name, device, dtype)]
+    direct = direct_layers(module)
+    if direct and name in DISPATCHER_ONLY:
+        classes = sorted({type(m.processor).__name__ for _, m in direct})
+        gates.append(capabilities.Gate(
+            f"{name} attention on {component.name}", False, "attention layers on diffusers' attention dispatcher",
+            f"{len(direct)} layers whose {', '.join(classes)} call F.scaled_dot_product_attention themselves",
+        ))
+    # "sdpa" left at its default keeps a backend the user chose on the dispatcher (set_attention_backend, or the
+    # DIFFUSERS_ATTN_BACKEND variable); named, it means diffusers' "native".
+    dispatcher = name in DISPATCHER and (name != "sdpa" or explicit)
+    # "auto" only prefers a kernel: dispatcher layers go to "native" and run under the same preference.
+    prefer = config.attention == "auto" and name in KERNELS
+    routed = dispatcher_layers(module)
+    if dispatcher and routed:
+        parallel = any(getattr(m.processor, "_parallel_config", None) is not None for _, m in routed)
+        target = "native" if prefer else DISPATCHER[name]
+        gates.append(capabilities.dispatcher_backend(target, context_parallel=parallel))
+    for gate in gates:
+        reason = capabilities.require_or_skip(gate, explicit, option)
+        if reason:
+            report.add(component.name, NAME, SKIPPED, prefix + reason)
+            return []
+    family = FAMILY.get(name, "sdpa")
+    missing = missing_classes(family) if direct and name not in DISPATCHER_ONLY else []
+    if missing:
+        reason = f"{option}: diffusers {capabilities.installed_version('diffusers')} lacks {', '.join(missing)}"
+        if explicit:
+            raise capabilities.UnsupportedFeatureError(reason)
+        report.add(component.name, NAME, SKIPPED, prefix + reason)
+        return []
+
+    def apply():
+        applied = apply_attention_backend(module, name, prefer=prefer, dispatcher=dispatcher)
+        detail = applied.detail if applied else None
+        # "auto" always says what it picked, even where that was in place already.
+        return prefix + (detail or "already in place") if prefix else detail
+
+    return [Step(component.name, NAME, apply)]

@@ -25,14 +25,19 @@ If ``pipe.scheduler`` is replaced after optimize, the next ``progress_bar`` call
 """
 from __future__ import annotations
 
-import functools
-import types
+import threading
 from typing import Any, Callable, Dict, List, Optional
 
 import torch
 
-from . import Change, current_function, set_instance_attr
+from .. import capabilities
+from ..components import Component, is_pipeline
+from ..config import DeepCache, FirstBlockCache
+from ..layers import Applied, InstanceHook, Layer, attach, detach, find, layers_of, mark, undo_all
+from ..plan import Step
+from ..report import SKIPPED
 
+NAME = "cache"
 # The instance attributes diffusers' cache hooks leave behind after disable_cache(); removed on undo if new.
 _DIFFUSERS_HOOK_ATTRS = ("_diffusers_hook", "forward", "_cache_config")
 
@@ -45,6 +50,7 @@ class StepClock:
         self.interval = interval  # None: the clock only restarts (first-block cache keeps its own decision)
         self.step = 0
         self.reuse = False
+        self.thread: Optional[int] = None  # the thread whose pipeline call is running, between its start and end
         self.listeners: List[Callable[[], None]] = []  # run at every restart
         self.settlers: List[Callable[[], None]] = []  # run at every step, in eager code, before `reuse` is set
 
@@ -61,75 +67,72 @@ class StepClock:
         self.reuse = bool(self.interval and self.interval > 1 and self.step % self.interval)
 
 
-class _SchedulerHooks:
-    """``set_timesteps`` restarts the clock, ``step`` advances it; on one scheduler instance at a time."""
+class _ClockHook(InstanceHook):
+    """``scheduler.<name>`` runs as before, then ``clock.start`` (set_timesteps) or ``clock.advance`` (step)."""
 
-    def __init__(self, clock: StepClock):
+    transform = NAME
+
+    def __init__(self, owner, name: str, clock: StepClock):
+        super().__init__(owner, name)
         self.clock = clock
-        self.scheduler = None
-        self._undo: List[Callable[[], None]] = []
 
-    def attach(self, scheduler) -> None:
-        self._undo = [_hook(scheduler, "set_timesteps", self.clock.start), _hook(scheduler, "step", self.clock.advance)]
-        self.scheduler = scheduler
-
-    def detach(self) -> None:
-        for undo in reversed(self._undo):
-            undo()
-        self._undo, self.scheduler = [], None
-
-
-def _hook(scheduler, name: str, after: Callable[[], None]) -> Callable[[], None]:
-    """``scheduler.name`` runs as before, then ``after()``; returns the undo. A method bound around
-    :func:`current_function`, so a deep-copied scheduler's hook calls the copy (and still drives this clock)."""
-    function = current_function(scheduler, name)
-
-    # functools.wraps keeps inspect.signature: retrieve_timesteps asks set_timesteps which arguments it takes.
-    @functools.wraps(function)
-    def hooked(self, *args, **kwargs):
-        result = function(self, *args, **kwargs)
-        after()
+    def around(self, *args, **kwargs):
+        result = self.inner(*args, **kwargs)
+        self.clock.start() if self.name == "set_timesteps" else self.clock.advance()
         return result
 
-    return set_instance_attr(scheduler, name, types.MethodType(hooked, scheduler))
+
+class _CallHook(InstanceHook):
+    """``pipe.progress_bar`` (start of every call) and ``pipe.maybe_free_model_hooks`` (its end) restart the clock.
+    At the start, a scheduler replaced since optimize gets the scheduler hooks moved to it."""
+
+    transform = NAME
+
+    def __init__(self, owner, name: str, clock: StepClock):
+        super().__init__(owner, name)
+        self.clock = clock
+        self.scheduler_hooks: List[_ClockHook] = []
+
+    def hook_scheduler(self) -> None:
+        scheduler = self.owner.scheduler
+        self.scheduler_hooks = [_ClockHook(scheduler, n, self.clock).install() for n in ("set_timesteps", "step")]
+
+    def unhook_scheduler(self) -> None:
+        for hook in reversed(self.scheduler_hooks):
+            if hook in layers_of(hook.owner):  # not taken off already (by an optimize of a pipeline sharing it)
+                hook.undo(hook.owner)
+                detach(hook.owner, hook)
+        self.scheduler_hooks = []
+
+    def around(self, *args, **kwargs):
+        hooked = self.scheduler_hooks[0].owner if self.scheduler_hooks else None
+        if hooked is not None and self.owner.scheduler is not hooked:  # replaced after optimize: follow the new one
+            self.unhook_scheduler()
+            self.hook_scheduler()
+        self.clock.start()
+        # A call starts at progress_bar and ends at maybe_free_model_hooks: the cache belongs to that thread meanwhile.
+        self.clock.thread = threading.get_ident() if self.name == "progress_bar" else None
+        return self.inner(*args, **kwargs)
+
+    def undo(self, owner) -> None:
+        super().undo(owner)
+        if self.scheduler_hooks and self.scheduler_hooks[0].owner is not owner.scheduler:
+            self.unhook_scheduler()  # on a scheduler the pipeline no longer holds, where restore would not look
 
 
-def attach_clock(pipe, clock: StepClock) -> Change:
-    """Hook ``pipe.scheduler`` and ``pipe.progress_bar`` (instance attributes only) so that ``clock`` follows
-    the denoising loop of every call; the undo removes every hook."""
-    hooks = _SchedulerHooks(clock)
-    hooks.attach(pipe.scheduler)
-    progress_bar = pipe.progress_bar
-
-    @functools.wraps(progress_bar)
-    def hooked_progress_bar(*args, **kwargs):
-        if pipe.scheduler is not hooks.scheduler:  # replaced after optimize: follow the new one
-            hooks.detach()
-            hooks.attach(pipe.scheduler)
-        clock.start()
-        return progress_bar(*args, **kwargs)
-
-    undo = [set_instance_attr(pipe, "progress_bar", hooked_progress_bar)]
-    free_hooks = getattr(pipe, "maybe_free_model_hooks", None)
-    if callable(free_hooks):
-
-        @functools.wraps(free_hooks)
-        def hooked_free_hooks(*args, **kwargs):
-            clock.start()
-            return free_hooks(*args, **kwargs)
-
-        undo.append(set_instance_attr(pipe, "maybe_free_model_hooks", hooked_free_hooks))
-
-    def undo_all():
-        for step in reversed(undo):
-            step()
-        hooks.detach()
-
+def attach_clock(pipe, clock: StepClock) -> Applied:
+    """Hook ``pipe.scheduler``, ``pipe.progress_bar`` and ``pipe.maybe_free_model_hooks`` (instance attributes
+    only) so that ``clock`` follows the denoising loop of every call; each hook is a layer on what it changed."""
+    since, start = mark(), _CallHook(pipe, "progress_bar", clock)
+    start.hook_scheduler()
+    start.install()
+    if callable(getattr(pipe, "maybe_free_model_hooks", None)):
+        _CallHook(pipe, "maybe_free_model_hooks", clock).install()
     detail = (
         "restarts at scheduler.set_timesteps and pipe.progress_bar (start of every call) and "
         "pipe.maybe_free_model_hooks (end), advances at scheduler.step"
     )
-    return Change(detail, undo_all)
+    return Applied(detail, since, pipe, pipe.scheduler)
 
 
 # --- DeepCache ------------------------------------------------------------------------------------------------
@@ -191,6 +194,70 @@ def _map_tensors(value, fn):
     return value
 
 
+class _CachedBlock(InstanceHook):
+    """A block's ``forward`` under DeepCache. On a cached step a deep down block returns what it returned on the
+    last full step, the mid block passes its input through, a deep up block returns the kept feature. On a full
+    step the block runs and, where it is the one that keeps, stores its output."""
+
+    transform = NAME
+
+    def __init__(self, owner, role: str, store: "_Store", clock: StepClock, slot, keeps: bool, completes: bool = False):
+        super().__init__(owner, "forward")
+        self.role, self.store, self.clock, self.slot = role, store, clock, slot
+        self.keeps, self.completes = keeps, completes
+
+    def around(self, *args, **kwargs):
+        if not torch.compiler.is_compiling():  # compiled, the check runs before the graph (CompiledCall)
+            check_thread(self.clock)
+        store = self.store
+        # `clock.reuse` is read first: on full steps dynamo guards on it alone, so writing the store does not
+        # make the next full step recompile.
+        if self.clock.reuse and store.complete:
+            if self.role == "mid":  # it keeps the shape of its input; nothing reads it on a cached step
+                return args[0] if args else kwargs["hidden_states"]
+            return self.slot.value
+        output = self.inner(*args, **kwargs)
+        if self.keeps:
+            self.slot.value = output
+            store.fresh = True
+            if self.completes:
+                store.complete = True
+        return output
+
+
+def check_thread(clock: StepClock) -> None:
+    """The blocks read one clock: a second thread running the model during another thread's cached call would
+    read that call's cache. Refuse instead of returning a corrupt image."""
+    if clock.thread is not None and clock.thread != threading.get_ident():
+        raise RuntimeError(
+            "diffopt: this model runs a step cache for a pipeline call in progress in another thread, and one cached "
+            "model cannot serve two threads at once. Give each thread its own components (copy.deepcopy(pipe)), or "
+            "optimize without cache="
+        )
+
+
+class _DeepCacheState(Layer):
+    """On the UNet (or ControlNet): its store, registered with the clock; undo unregisters and empties it.
+    ``before_call`` runs in eager code before a compiled call of the model."""
+
+    transform = NAME
+
+    def before_call(self) -> None:
+        check_thread(self.clock)
+
+    def __init__(self, store: "_Store", clock: StepClock, detail: str):
+        self.store, self.clock, self.detail = store, clock, detail
+        clock.listeners.append(store.clear)
+        clock.settlers.append(store.settle)
+
+    def undo(self, owner) -> None:
+        if self.store.clear in self.clock.listeners:
+            self.clock.listeners.remove(self.store.clear)
+        if self.store.settle in self.clock.settlers:
+            self.clock.settlers.remove(self.store.settle)
+        self.store.clear()
+
+
 def is_deepcache_model(module: torch.nn.Module) -> bool:
     """UNets (and ControlNets) built from diffusers' down/mid/up block lists, which DeepCache knows how to cut."""
     from diffusers import ControlNetModel, UNet2DConditionModel
@@ -205,83 +272,46 @@ def max_depth(module: torch.nn.Module) -> int:
 
 def apply_deepcache(
     module: torch.nn.Module, interval: int, depth: int, clock: StepClock, own: bool = False, dynamic_batch: bool = False
-) -> Optional[Change]:
+) -> Applied:
     """Make ``module`` (a UNet2DConditionModel, or a ControlNetModel) skip its deep blocks when ``clock.reuse``.
 
     A ControlNet on a cached step runs only its first ``depth`` down blocks: the residuals it hands to the
     shallow branch of the UNet are fresh, and the deep ones, which the cached UNet step never reads (its deep up
     blocks are skipped), come from the last full step's deep blocks. ControlNet and UNet read the same clock, so
-    they are cached on the same steps.
+    they are cached on the same steps. The UNet's own ``forward`` is untouched: only the ``forward`` of the skipped
+    blocks is replaced, on those instances, so the skip-connection and ControlNet plumbing stays diffusers' own.
 
-    ``own`` and ``dynamic_batch`` are for compiled modules (see :class:`_Store`). Returns the Change whose undo
-    removes every wrapper (the blocks' ``forward`` attributes).
+    ``own`` and ``dynamic_batch`` are for compiled modules (see :class:`_Store`).
     """
     if not 1 <= depth <= max_depth(module):
         raise ValueError(f"DeepCache depth must be between 1 and {max_depth(module)} for this model, got {depth}")
     store = _Store(own, dynamic_batch)
     keep = interval > 1  # interval 1 never reads the store: keep nothing, trace nothing extra
-    undo: List[Callable[[], None]] = []
-
-    def cached(block: torch.nn.Module, on_cached_step: Callable, on_full_step: Callable) -> None:
-        original = block.forward
-
-        @functools.wraps(original)
-        def forward(*args, **kwargs):
-            # `clock.reuse` is read first: on full steps dynamo guards on it alone, so writing the store does not
-            # make the next full step recompile.
-            if clock.reuse and store.complete:
-                return on_cached_step(args, kwargs)
-            output = original(*args, **kwargs)
-            if keep:
-                on_full_step(output)
-            return output
-
-        undo.append(set_instance_attr(block, "forward", forward))
-
     up_blocks = getattr(module, "up_blocks", None)  # None: a ControlNet, which ends after its mid block
     last = len(module.down_blocks) - 1
-
-    # Deep down blocks: on cached steps, what they returned on the last full step. Their consumers (the deeper
-    # blocks, mid, deep up blocks) are skipped too; only ControlNet additions still touch them, which need shapes.
-    for index in range(depth, len(module.down_blocks)):
-        slot = store.slot()
-
-        def keep_down(output, slot=slot, completes=up_blocks is None and index == last):
-            slot.value = output
-            store.fresh = True
-            if completes:
-                store.complete = True
-
-        cached(module.down_blocks[index], lambda a, k, slot=slot: slot.value, keep_down)
-    if module.mid_block is not None:
-        # The mid block keeps the shape of its input: pass it through; nothing reads it on a cached step.
-        cached(module.mid_block, lambda a, k: a[0] if a else k["hidden_states"], lambda output: None)
-    if up_blocks is not None:
-        feature, kept = len(up_blocks) - depth - 1, store.slot()  # its output feeds the shallow up blocks
-
-        def keep_feature(output):
-            kept.value = output
-            store.complete = store.fresh = True
-
-        for index in range(feature + 1):
-            cached(up_blocks[index], lambda a, k: kept.value, keep_feature if index == feature else lambda output: None)
-
-    clock.listeners.append(store.clear)
-    clock.settlers.append(store.settle)
-
-    def undo_all():
-        if store.clear in clock.listeners:
-            clock.listeners.remove(store.clear)
-        if store.settle in clock.settlers:
-            clock.settlers.remove(store.settle)
-        store.clear()
-        for step in reversed(undo):
-            step()
-
     kind = "shallow branch" if up_blocks is not None else "shallow residuals"
     every = f"{interval - 1} of every {interval} steps" if interval > 1 else "no step (interval=1)"
     parts = f"down_blocks[:{depth}]" + (f" and up_blocks[-{depth}:]" if up_blocks is not None else "")
-    return Change(f"DeepCache(interval={interval}, depth={depth}): on {every} only {parts} run ({kind})", undo_all)
+    detail = f"DeepCache(interval={interval}, depth={depth}): on {every} only {parts} run ({kind})"
+    since = mark()
+    try:
+        attach(module, _DeepCacheState(store, clock, detail))
+        # Deep down blocks: on cached steps, what they returned on the last full step. Their consumers (the deeper
+        # blocks, mid, deep up blocks) are skipped too; only ControlNet additions still touch them.
+        for index in range(depth, len(module.down_blocks)):
+            completes = up_blocks is None and index == last
+            _CachedBlock(module.down_blocks[index], "down", store, clock, store.slot(), keep, completes).install()
+        if module.mid_block is not None:
+            _CachedBlock(module.mid_block, "mid", store, clock, None, False).install()
+        if up_blocks is not None:
+            feature, kept = len(up_blocks) - depth - 1, store.slot()  # its output feeds the shallow up blocks
+            for index in range(feature + 1):
+                keeps = keep and index == feature
+                _CachedBlock(up_blocks[index], "up", store, clock, kept, keeps, keeps).install()
+    except BaseException:
+        undo_all(module.modules(), since)
+        raise
+    return Applied(detail, since, module)
 
 
 # --- First Block Cache (transformers) -------------------------------------------------------------------------
@@ -303,7 +333,27 @@ def transformer_blocks(model: torch.nn.Module) -> List[torch.nn.Module]:
     ]
 
 
-def apply_block_compile(model: torch.nn.Module, options: Dict[str, Any], dynamic_batch: bool = False) -> Optional[Change]:
+class _CompiledBlock(InstanceHook):
+    """A transformer block's ``forward`` through the compiled class function (shared by the blocks of a class)."""
+
+    transform = "compile"
+
+    def __init__(self, owner, function: Callable, dynamic_batch: bool):
+        super().__init__(owner, "forward")
+        self.compiled, self.dynamic_batch = function, dynamic_batch
+
+    def around(self, *args, **kwargs):
+        from .compile import mark_batch_dynamic
+
+        if self.dynamic_batch:  # as compile does for whole models: one graph for every batch size
+            mark_batch_dynamic(args, kwargs)
+        return self.compiled(self.owner, *args, **kwargs)
+
+    def __reduce_ex__(self, protocol):
+        raise TypeError("diffopt: compiled blocks cannot be pickled; call diffopt.restore(pipe) before pickling")
+
+
+def apply_block_compile(model: torch.nn.Module, options: Dict[str, Any], dynamic_batch: bool = False) -> Optional[Applied]:
     """``torch.compile`` each transformer block's ``forward`` on its instance, so that hooks installed afterwards
     (the first-block cache) run in eager code around the compiled blocks.
 
@@ -313,58 +363,146 @@ def apply_block_compile(model: torch.nn.Module, options: Dict[str, Any], dynamic
     ``forward`` is compiled once and takes the block as an argument, so blocks of one class share one graph
     instead of counting against dynamo's recompile limit one by one (Flux has 38 single blocks).
     """
-    from .compile import describe, mark_batch_dynamic
+    from .compile import describe
 
     blocks = transformer_blocks(model)
     if not blocks:
         return None
-    compiled: Dict[type, Callable] = {}
-    undo = []
+    since, compiled = mark(), {}
     for block in blocks:
         cls = type(block)
         function = compiled.setdefault(cls, torch.compile(cls.forward, **options))
-
-        @functools.wraps(cls.forward)
-        def forward(*args, _block=block, _function=function, **kwargs):
-            if dynamic_batch:  # as compile does for whole models: one graph for every batch size
-                mark_batch_dynamic(args, kwargs)
-            return _function(_block, *args, **kwargs)
-
-        undo.append(set_instance_attr(block, "forward", forward))
-
-    def undo_all():
-        for step in reversed(undo):
-            step()
-
+        _CompiledBlock(block, function, dynamic_batch).install()
     kinds = ", ".join(sorted(cls.__name__ for cls in compiled))
     detail = f"{describe(options)} on each of {len(blocks)} blocks ({kinds}), for the first-block cache"
-    return Change(detail + (", dynamic batch" if dynamic_batch else ""), undo_all)
+    return Applied(detail + (", dynamic batch" if dynamic_batch else ""), since, model)
 
 
-def apply_first_block_cache(model: torch.nn.Module, threshold: float, clock: StepClock) -> Change:
-    """diffusers' First Block Cache on ``model`` (``enable_cache(FirstBlockCacheConfig(threshold))``), its state
-    reset whenever ``clock`` restarts. The undo calls ``disable_cache()`` and deletes the attributes that leaves
-    behind (``_diffusers_hook``, the blocks' ``forward``, ``_cache_config``) where they were not there before."""
-    from diffusers.hooks import FirstBlockCacheConfig
+class _FirstBlockCache(Layer):
+    """diffusers' cache hooks on a transformer: undo calls ``disable_cache()`` and deletes the attributes that
+    leaves behind where they were not there before."""
 
-    before = {module: {name for name in _DIFFUSERS_HOOK_ATTRS if name in vars(module)} for module in model.modules()}
-    model.enable_cache(FirstBlockCacheConfig(threshold=threshold))
-    # diffusers resets the state at the end of a call (maybe_free_model_hooks); a call that raised never gets
-    # there, so reset at the start of every call as well.
-    reset = model._reset_stateful_cache
-    clock.listeners.append(reset)
+    transform = NAME
 
-    def undo():
-        if reset in clock.listeners:
-            clock.listeners.remove(reset)
-        model.disable_cache()
-        for module, had in before.items():
+    def __init__(self, before, clock: StepClock):
+        self.before, self.clock = before, clock
+
+    def undo(self, owner) -> None:
+        if owner._reset_stateful_cache in self.clock.listeners:
+            self.clock.listeners.remove(owner._reset_stateful_cache)
+        if getattr(owner, "is_cache_enabled", False):
+            owner.disable_cache()
+        for module, had in self.before.items():
             for name in _DIFFUSERS_HOOK_ATTRS:
                 if name not in had:
                     vars(module).pop(name, None)
 
+
+def apply_first_block_cache(model: torch.nn.Module, threshold: float, clock: StepClock) -> Applied:
+    """diffusers' First Block Cache on ``model`` (``enable_cache(FirstBlockCacheConfig(threshold))``), its state
+    reset whenever ``clock`` restarts."""
+    from diffusers.hooks import FirstBlockCacheConfig
+
+    before = {module: {name for name in _DIFFUSERS_HOOK_ATTRS if name in vars(module)} for module in model.modules()}
+    since, layer = mark(), _FirstBlockCache(before, clock)
+    try:
+        model.enable_cache(FirstBlockCacheConfig(threshold=threshold))
+        # diffusers resets the state at the end of a call (maybe_free_model_hooks); a call that raised never gets
+        # there, so reset at the start of every call as well.
+        clock.listeners.append(model._reset_stateful_cache)
+    except BaseException:
+        layer.undo(model)
+        raise
+    attach(model, layer)
     detail = (
         f"diffusers First Block Cache (threshold={threshold}): the other blocks are skipped while the first "
         "block's output moves less than that; reset at the start of every call"
     )
-    return Change(detail, undo)
+    return Applied(detail, since, model)
+
+
+# --- planning -------------------------------------------------------------------------------------------------
+
+
+def plan(ctx) -> List[Step]:
+    from . import compile as compile_transform
+
+    config, target = ctx.config, ctx.target
+    if config.cache is None:
+        return []
+    if not is_pipeline(target) or getattr(target, "scheduler", None) is None:
+        raise ValueError(
+            f"cache={config.cache!r} needs a pipeline with a scheduler, got {type(target).__name__}: the cache "
+            "learns where each call starts and which step it is at from the pipeline's scheduler; pass the pipeline"
+        )
+    denoiser = ctx.denoiser()
+    if denoiser is None:
+        return []
+    setting = resolve(config.cache, denoiser, ctx.report)
+    if setting is None:
+        return []
+    clock = StepClock(setting.interval if isinstance(setting, DeepCache) else None)
+    steps = [Step("scheduler", NAME, lambda: attach_clock(target, clock))]
+    if isinstance(setting, FirstBlockCache):
+        options = ctx.compile_options.get(denoiser.name)
+        if options is not None:
+            options = compile_transform.options_for(denoiser, ctx, ctx.report, block_cached=True)
+        if options is not None:
+            # Blocks first: the cache hooks must wrap compiled blocks (see apply_block_compile).
+            ctx.block_compiled.add(denoiser.name)
+            dynamic = compile_transform.dynamic_batch(config)
+            steps.append(Step(denoiser.name, "compile", lambda: apply_block_compile(denoiser.module, options, dynamic)))
+        steps.append(Step(denoiser.name, NAME,
+                          lambda: apply_first_block_cache(denoiser.module, setting.threshold, clock)))  # fmt: skip
+        return steps
+    for component in ctx.components:
+        if component.role == "vae" or not is_deepcache_model(component.module):
+            continue
+        options = ctx.compile_options.get(component.name)
+        own = options is not None and compile_transform.uses_cuda_graphs(options)
+        dynamic = options is not None and compile_transform.dynamic_batch(config)
+
+        def apply(module=component.module, own=own, dynamic=dynamic):
+            return apply_deepcache(module, setting.interval, setting.depth, clock, own, dynamic)
+
+        steps.append(Step(component.name, NAME, apply))
+    return steps
+
+
+def resolve(value, denoiser: Component, report):
+    """The DeepCache / FirstBlockCache for this denoiser. A kind that does not fit it raises (the user named it);
+    "auto" skips, with the reason, where nothing fits."""
+    module, given = denoiser.module, value  # messages name what the user gave
+    kind = type(module).__name__
+    if value == "auto":
+        value = DeepCache() if is_deepcache_model(module) else FirstBlockCache()
+        named = False
+    else:
+        value = {"deepcache": DeepCache(), "first_block": FirstBlockCache()}.get(value, value)
+        named = True
+    if isinstance(value, DeepCache):
+        if not is_deepcache_model(module):
+            raise ValueError(
+                f"cache={given!r} works on UNet2DConditionModel denoisers, got {kind}; "
+                "for transformers use cache='first_block' (diffopt.FirstBlockCache) or 'auto'"
+            )
+        deepest = max_depth(module)
+        if value.depth > deepest:
+            raise ValueError(f"DeepCache depth must be between 1 and {deepest} for this {kind}, got {value.depth}")
+        return value
+    reason = capabilities.require_or_skip(capabilities.first_block_cache(), named, f"cache={given!r}")
+    if not reason and not has_cache_hooks(module):
+        reason = f"diffusers {capabilities.installed_version('diffusers')} has no cache hooks (CacheMixin) on {kind}"
+        if is_deepcache_model(module):
+            reason = f"the first-block cache hooks transformer blocks; {kind} is a UNet: use cache='deepcache' or 'auto'"
+        if named:
+            raise ValueError(f"cache={given!r}: {reason}")
+    ours = find(module, _FirstBlockCache) is not None  # optimize undoes it before applying again
+    if not reason and getattr(module, "is_cache_enabled", False) and not ours:
+        reason = f"{kind} already has a diffusers cache enabled ({type(module._cache_config).__name__}); disable_cache() it first"
+        if named:
+            raise ValueError(f"cache={given!r}: {reason}")
+    if reason:
+        report.add(denoiser.name, NAME, SKIPPED, reason)
+        return None
+    return value

@@ -1,30 +1,40 @@
 """torch.compile of a module, in place.
 
-``nn.Module.compile`` keeps the module object (``pipe.unet is unet`` stays true, ``save_pretrained``
-writes clean keys, ``isinstance`` checks in pipelines keep working); undo removes the compiled call so
-the next call runs eager code again.
+The compiled call is a :class:`CompiledCall` stored as the module's ``_compiled_call_impl``, which is what
+``nn.Module.compile`` sets: the module object stays the user's (``pipe.unet is unet``, ``save_pretrained`` writes
+clean keys, pipelines' ``isinstance`` checks hold), and undo removes it so the next call runs eager code again.
 """
 from __future__ import annotations
 
 import itertools
+import logging
+import time
 import types
 import weakref
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 
-from . import Change, set_instance_attr
+from .. import capabilities
+from ..components import CONTROLNET, DENOISER, Component, execution_device
+from ..layers import ATTR as LAYERS
+from ..layers import Applied, Layer, attach, mark
+from ..report import SKIPPED
+from ..plan import Step
 from .timesteps import scalars_to_device
 
+logger = logging.getLogger(__name__)
+
+NAME = "compile"
 _ATTR = "_compiled_call_impl"
 #: Modes whose compiled graphs replay as CUDA graphs (their outputs live in a pool the next replay reuses).
 CUDA_GRAPH_MODES = ("reduce-overhead",)
-#: Dynamo's recompile limit while a module compiled by diffopt runs (see apply_compile).
+#: Dynamo's recompile limit while a module compiled by diffopt runs (see CompiledCall.__call__).
 RECOMPILE_LIMIT = 64
 
 _SERIAL = itertools.count()
-# The entry of each module compiled so far (see own_entry), for as long as the module lives.
-_ENTRIES: "weakref.WeakKeyDictionary[torch.nn.Module, Callable]" = weakref.WeakKeyDictionary()
+# The entries of each module compiled so far (see own_entry), for as long as the module lives.
+_ENTRIES: "weakref.WeakKeyDictionary[torch.nn.Module, Dict[str, Callable]]" = weakref.WeakKeyDictionary()
 
 
 def uses_cuda_graphs(options: Dict[str, Any]) -> bool:
@@ -32,34 +42,37 @@ def uses_cuda_graphs(options: Dict[str, Any]) -> bool:
     return options.get("mode") in CUDA_GRAPH_MODES or bool((options.get("options") or {}).get("triton.cudagraphs"))
 
 
-def own_entry(module: torch.nn.Module) -> Callable:
-    """``entry(module, *args, **kwargs)`` runs ``module._call_impl``, under a code object of the module's own: what
-    diffopt compiles.
+def own_entry(module: torch.nn.Module, via: str = "_call_impl") -> Callable:
+    """``entry(module, *args, **kwargs)`` runs ``module.<via>`` under a code object of the module's own: what
+    diffopt compiles (``via="_old_forward"``: the forward under an offload hook, whose hook runs outside).
 
     Dynamo keeps its automatic-dynamic-shape state per traced code object (by file, line and name), so modules
     compiled through one shared entry (``nn.Module._call_impl``, which torch.compile also wraps in one shared
     ``inner``) looked like one model changing shape: DeepFloyd IF's stage II (6 channels, 256 px, after stage I's
     3 and 64) was traced with symbolic sizes and had not compiled after 200 s on an H200, where a static compile
     took 70 s. With an entry each, every model's first graph is static and torch's rules apply to it alone: its
-    second batch size, or a new LoRA weight, recompiles once and then stays dynamic. The entry is defined here,
-    outside torch's files, so dynamo starts at it instead of wrapping it; it takes the module as an argument
-    rather than holding it, and is kept per module, so that optimize after restore finds the graphs compiled
-    before (dynamo caches them on the code object).
+    second batch size, or a new LoRA weight, recompiles once and then stays dynamic. The entry takes the module as
+    an argument rather than holding it, and is kept per module, so that optimize after restore finds the graphs
+    compiled before (dynamo caches them on the code object) and a dropped model is freed.
     """
-    entry = _ENTRIES.get(module)
-    if entry is None:
+    entries = _ENTRIES.setdefault(module, {})
+    if via not in entries:
 
         def call_module(module, *args, **kwargs):
-            return module._call_impl(*args, **kwargs)
+            return getattr(module, via)(*args, **kwargs)
 
         code = call_module.__code__.replace(co_name=f"call_{type(module).__name__}_{next(_SERIAL)}")
-        entry = _ENTRIES[module] = types.FunctionType(code, call_module.__globals__, code.co_name)
-    return entry
+        entries[via] = types.FunctionType(code, call_module.__globals__, code.co_name, None, call_module.__closure__)
+    return entries[via]
 
 
 def is_compiled(module: torch.nn.Module) -> bool:
     """Compiled by anyone: in place, or wrapped by ``torch.compile(module)``."""
     return getattr(module, _ATTR, None) is not None or hasattr(module, "_orig_mod")
+
+
+def compiled_by_diffopt(module: torch.nn.Module) -> bool:
+    return isinstance(vars(module).get(_ATTR), CompiledCall)
 
 
 def default_options(device: torch.device) -> Dict[str, Any]:
@@ -69,6 +82,13 @@ def default_options(device: torch.device) -> Dict[str, Any]:
     if device.type == "cuda":
         return {"mode": "reduce-overhead", "fullgraph": True}
     return {"fullgraph": True}
+
+
+def without_cuda_graphs(options: Dict[str, Any]) -> Dict[str, Any]:
+    options = dict(options)
+    if options.get("mode") in CUDA_GRAPH_MODES:
+        options.pop("mode")
+    return options
 
 
 def describe(options: Dict[str, Any]) -> str:
@@ -96,50 +116,237 @@ def mark_batch_dynamic(args, kwargs) -> None:
             torch._dynamo.maybe_mark_dynamic(tensor, 0)
 
 
-def apply_compile(
-    module: torch.nn.Module,
-    options: Dict[str, Any],
-    new_step: bool = False,
-    dynamic_batch: bool = False,
-    scalars_to: Optional[torch.device] = None,
-) -> Optional[Change]:
-    """Compile ``module`` in place with ``options``; undo returns it to eager execution.
+# ---- offload ----------------------------------------------------------------------------------------------------
 
-    The extras run before each call, outside the compiled code:
-    ``new_step`` calls ``torch.compiler.cudagraph_mark_step_begin()``, for the module that starts a denoising
-    step (a ControlNet), so the CUDA graphs of one step never read outputs owned by the previous step's replays;
+
+def offload_blocker(module: torch.nn.Module) -> Optional[str]:
+    """Why ``module`` cannot be compiled under the offload it has, or None. Model offload (accelerate's CpuOffload
+    on the whole model, ``enable_model_cpu_offload``) composes: its hook runs outside the compiled call. Offload
+    that moves weights layer by layer inside the forward cannot run in one graph."""
+    for name, sub in module.named_modules():
+        hook = getattr(sub, "_hf_hook", None)
+        if hook is not None and (name or not _is_model_offload(hook)):
+            return ("sequential CPU offload (enable_sequential_cpu_offload) moves every layer's weights inside the "
+                    "forward; use enable_model_cpu_offload() to compile with offload")  # fmt: skip
+        registry = getattr(sub, "_diffusers_hook", None)
+        if registry is not None and any("offload" in key for key in getattr(registry, "hooks", {})):
+            return ("group offload (enable_group_offload) moves weights block by block inside the forward; use "
+                    "enable_model_cpu_offload() to compile with offload")  # fmt: skip
+    return None
+
+
+def _is_model_offload(hook) -> bool:
+    return type(hook).__name__ == "CpuOffload"
+
+
+# ---- the compiled call ------------------------------------------------------------------------------------------
+
+
+class CompiledCall(Layer):
+    """The module's ``_compiled_call_impl``. The extras run before each call, outside the compiled code:
+    ``new_step`` calls ``torch.compiler.cudagraph_mark_step_begin()``, for the module that starts a denoising step
+    (a ControlNet), so the CUDA graphs of one step never read outputs owned by the previous step's replays;
     ``dynamic_batch`` marks the inputs' batch dimension dynamic (see :func:`mark_batch_dynamic`);
-    ``scalars_to`` moves 0-d CPU tensors (timesteps kept on the CPU, see transforms/timesteps.py) to that device.
+    ``scalars_to`` moves 0-d CPU tensors (timesteps kept on the CPU, see timesteps.py) to that device.
+
+    A model offload hook (accelerate's ``CpuOffload``, added before or after optimize) runs in eager code around the
+    compiled forward, which then runs without CUDA graphs (the weights move between calls). ``copy.deepcopy``
+    gives the copy a compiled call of its own; pickling refuses, since compiled code cannot be pickled.
     """
-    # What nn.Module.compile does (through an entry of this module's own), kept in hand so the call below can run
-    # around it.
-    compiled_entry = torch.compile(own_entry(module), **options)
-    dynamo_config = torch._dynamo.config
-    limit_name = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"  # < 2.6
 
-    def call(*args, **kwargs):
-        if scalars_to is not None:
-            args, kwargs = scalars_to_device(args, kwargs, scalars_to)
-        if new_step:
-            torch.compiler.cudagraph_mark_step_begin()
-        if dynamic_batch:
-            mark_batch_dynamic(args, kwargs)
-        # Dynamo's recompile limit (8 variants per code object) ends in a hard error under fullgraph=True. Our
-        # entry is per model, so it counts one model's variants: shapes, and every LoRA load, fuse or unfuse, which
-        # a notebook trying adapters runs through quickly. Raise it for our calls only.
-        limit = getattr(dynamo_config, limit_name)
-        setattr(dynamo_config, limit_name, max(limit, RECOMPILE_LIMIT))
-        try:
-            return compiled_entry(module, *args, **kwargs)
-        finally:
-            setattr(dynamo_config, limit_name, limit)
+    transform = NAME
 
-    undo = set_instance_attr(module, _ATTR, call)
-    detail = describe(options) + "".join(
-        [
+    def __init__(self, module, name: str, options, new_step=False, dynamic_batch=False, scalars_to=None, cache=None):
+        self.module, self.name, self.options = module, name, dict(options)
+        self.new_step, self.dynamic_batch, self.scalars_to = new_step, dynamic_batch, scalars_to
+        self.cache = cache  # a compile_cache.Entry, or None
+        self.compiled = torch.compile(own_entry(module), **self.options)
+        self.offloaded = None  # compiled lazily, the first time an offload hook is found
+        self.calls = 0
+        self.detail = describe(self.options) + "".join([
             ", dynamic batch" if dynamic_batch else "",
             ", new CUDA-graph step per call" if new_step else "",
             f", CPU timesteps made on {scalars_to}" if scalars_to is not None else "",
-        ]
-    )
-    return Change(detail, undo)
+        ])  # fmt: skip
+
+    def __call__(self, *args, **kwargs):
+        module = self.module
+        for layer in vars(module).get(LAYERS, ()):  # eager checks of other layers (a step cache's thread check)
+            if hasattr(layer, "before_call"):
+                layer.before_call()
+        if self.scalars_to is not None:
+            args, kwargs = scalars_to_device(args, kwargs, self.scalars_to)
+        if self.new_step:
+            torch.compiler.cudagraph_mark_step_begin()
+        if self.dynamic_batch:
+            mark_batch_dynamic(args, kwargs)
+        hook = getattr(module, "_hf_hook", None)
+        first = self.calls == 0
+        self.calls += 1
+        started = time.perf_counter()
+        if first:
+            logger.warning("diffopt: compiling %s with torch.compile (first call; seconds from a saved compile, "
+                           "a minute or more on a GPU from scratch)...", self.name)  # fmt: skip
+        with _recompile_limit(RECOMPILE_LIMIT):
+            if hook is None or "_old_forward" not in vars(module):
+                output = self.compiled(module, *args, **kwargs)
+            elif _is_model_offload(hook):
+                output = self._offloaded_call(hook, args, kwargs)
+            else:
+                _warn_once(module, offload_blocker(module) or f"{type(hook).__name__} on {self.name}")
+                output = module._call_impl(*args, **kwargs)
+        if first:
+            logger.warning("diffopt: compiled %s in %.1f s", self.name, time.perf_counter() - started)
+            if self.cache is not None:
+                self.cache.after_first_call()
+        return output
+
+    def _offloaded_call(self, hook, args, kwargs):
+        module = self.module
+        if self.offloaded is None:
+            self.offloaded = torch.compile(own_entry(module, "_old_forward"), **without_cuda_graphs(self.options))
+        args, kwargs = hook.pre_forward(module, *args, **kwargs)
+        with torch.no_grad() if getattr(hook, "no_grad", False) else _nothing():
+            output = self.offloaded(module, *args, **kwargs)
+        return hook.post_forward(module, output)
+
+    def undo(self, owner) -> None:
+        if vars(owner).get(_ATTR) is self:
+            vars(owner).pop(_ATTR)
+
+    def __deepcopy__(self, memo):
+        from copy import deepcopy
+
+        module = deepcopy(self.module, memo)  # memo: the copy of the module being copied
+        return CompiledCall(module, self.name, self.options, self.new_step, self.dynamic_batch, self.scalars_to)
+
+    def __reduce_ex__(self, protocol):
+        raise TypeError(
+            f"diffopt: {self.name} is compiled by diffopt.optimize and compiled code cannot be pickled; call "
+            "diffopt.restore(pipe) before pickling (and diffopt.optimize(pipe) again after loading)"
+        )
+
+
+class _nothing:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+class _recompile_limit:
+    """Dynamo's recompile limit (8 variants per code object) ends in a hard error under fullgraph=True. Our entry
+    is per model, so it counts one model's variants: shapes, and every LoRA load, fuse or unfuse, which a notebook
+    trying adapters runs through quickly. Raised for our calls only, and put back after."""
+
+    def __init__(self, limit: int):
+        config = torch._dynamo.config
+        self.name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # torch < 2.6
+        self.limit = limit
+
+    def __enter__(self):
+        config = torch._dynamo.config
+        self.before = getattr(config, self.name)
+        setattr(config, self.name, max(self.before, self.limit))
+
+    def __exit__(self, *exc):
+        setattr(torch._dynamo.config, self.name, self.before)
+        return False
+
+
+def _warn_once(module, why: str) -> None:
+    if not vars(module).get("_diffopt_warned_offload"):
+        logger.warning("diffopt: %s; running it uncompiled", why)
+        vars(module)["_diffopt_warned_offload"] = True
+
+
+def apply_compile(module, options, new_step=False, dynamic_batch=False, scalars_to=None, name=None, cache=None):
+    """Compile ``module`` in place with ``options`` (a :class:`CompiledCall` attached to it)."""
+    since = mark()
+    call = CompiledCall(module, name or type(module).__name__, options, new_step, dynamic_batch, scalars_to, cache)
+    setattr(module, _ATTR, call)
+    return Applied(attach(module, call).detail, since, module)
+
+
+# ---- planning ---------------------------------------------------------------------------------------------------
+
+
+def names_mode(config) -> bool:
+    return not isinstance(config.compile, bool) and "mode" in config.compile
+
+
+def dynamic_batch(config) -> bool:
+    return config.dynamic_batch and (isinstance(config.compile, bool) or config.compile.get("dynamic", None) is not False)
+
+
+def options_for(component: Component, ctx, report=None, block_cached: bool = False) -> Optional[Dict[str, Any]]:
+    """The torch.compile options for ``component``, or None (with the reason in ``report``) when it is not
+    compiled. Raises where the user named compile and it cannot run."""
+    from . import attention_backend
+
+    config = ctx.config
+    if config.compile is False:
+        return None
+    explicit = config.asks_for("compile")
+    reason = capabilities.require_or_skip(capabilities.compile(), explicit, "compile")
+    module = component.module
+    if not reason and is_compiled(module) and not compiled_by_diffopt(module):
+        reason = "already compiled outside diffopt; left as it is"
+    if not reason:
+        reason = offload_blocker(module) or ""
+        if reason and explicit:
+            raise ValueError(f"compile of {component.name}: {reason}, or pass compile=False")
+    if reason:
+        if report is not None:
+            report.add(component.name, NAME, SKIPPED, reason)
+        return None
+    device = execution_device(module)
+    options = default_options(device)
+    if not isinstance(config.compile, bool):  # a dict of torch.compile options over the defaults
+        user = dict(config.compile)
+        # torch.compile takes a mode or inductor options, never both, and modes mean nothing to other backends.
+        if "mode" not in user and ("options" in user or user.get("backend", "inductor") != "inductor"):
+            options.pop("mode", None)
+        options.update(user)
+    if getattr(module, "_hf_hook", None) is not None and uses_cuda_graphs(options):
+        # Model offload moves the weights between calls: CUDA graphs would re-record every call.
+        options = without_cuda_graphs(options)
+    if block_cached and options.get("mode") in CUDA_GRAPH_MODES and not names_mode(config):
+        # The first-block cache decides on every step whether to skip the remaining blocks and reuses residuals
+        # across steps; per-block CUDA graphs under that have not been run on a GPU, so they stay off unless
+        # named. DeepCache keeps them: it copies what it keeps out of the graphs' pool after each full step.
+        options.pop("mode")
+        if report is not None:
+            report.add(component.name, NAME, SKIPPED, "CUDA graphs off: the first-block cache is untested with them")
+    return attention_backend.compile_options(config.attention, options)
+
+
+def _first_net(component: Component) -> bool:
+    return ".nets." not in component.name or component.name.endswith(".nets.0")
+
+
+def plan(ctx) -> List[Step]:
+    steps = []
+    for component in ctx.components:
+        options = ctx.compile_options.get(component.name)
+        if options is None or component.name in ctx.block_compiled:
+            continue
+        # diffusers' ControlNet pipelines call cudagraph_mark_step_begin() each step only when the UNet and the
+        # ControlNet are OptimizedModule wrappers; modules compiled in place do not pass that check, and without
+        # it the UNet's CUDA graph reads residuals that the ControlNet's next replay has overwritten (seen on an
+        # H200). So the first ControlNet of each step marks the step itself; later nets of a MultiControlNet must
+        # not, or they would free the residuals of the nets before them.
+        new_step = component.role == CONTROLNET and uses_cuda_graphs(options) and _first_net(component)
+        # With the scheduler's timesteps on the CPU, the UNet and ControlNets get them as GPU fills, each on its
+        # own device (a ControlNet may sit on another card than the UNet).
+        on_cpu = ctx.timesteps_on_cpu and component.role in (DENOISER, CONTROLNET)
+        scalars_to = execution_device(component.module) if on_cpu else None
+
+        def apply(component=component, options=options, new_step=new_step, scalars_to=scalars_to):
+            cache = ctx.compile_cache(component, options)
+            return apply_compile(component.module, options, new_step, dynamic_batch(ctx.config), scalars_to,
+                                 component.name, cache)  # fmt: skip
+
+        steps.append(Step(component.name, NAME, apply))
+    return steps

@@ -20,7 +20,11 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from . import Change
+from .. import capabilities
+from ..components import DENOISER
+from ..layers import Applied, Layer, attach, find, mark
+from ..plan import Step
+from ..report import SKIPPED
 from .attention import attention_modules
 
 # Fused processor (what a model's fuse_qkv_projections installs) -> the processors it computes the same thing as.
@@ -39,6 +43,7 @@ _READS_FUSED = {"fused_projections", "_get_qkv_projections"}
 _MISSING = object()
 
 ALREADY_FUSED = "already fused outside diffopt; left as it is"
+NAME = "fuse_projections"
 
 
 def _is_lora(layer) -> bool:
@@ -83,7 +88,7 @@ def blocker(model: torch.nn.Module) -> Optional[Tuple[str, str]]:
             "no LoRA layers on the attention projections (fused ones would bypass them)",
             f"LoRA on {len(lora)} projections of {name}; fuse_lora() does not help, unload_lora_weights() does",
         )
-    if any(getattr(attn, "fused_projections", False) for _, attn in layers):
+    if any(getattr(attn, "fused_projections", False) for _, attn in layers) and find(model, FusedProjections) is None:
         return "unfused projections", ALREADY_FUSED
     added = sorted({type(a.processor).__name__ for _, a in layers if "Added" in type(a.processor).__name__})
     if added:
@@ -98,18 +103,46 @@ def blocker(model: torch.nn.Module) -> Optional[Tuple[str, str]]:
     return None
 
 
-def apply_fuse_projections(model: torch.nn.Module) -> Optional[Change]:
+class FusedProjections(Layer):
+    """On the fused model: per fused attention layer its processor before and ours, the children it had and its
+    ``fused_projections`` flag; plus the LoRA guard and the state-dict hook. Undo removes exactly what fusing
+    added and nothing the user set afterwards."""
+
+    transform = NAME
+
+    def __init__(self, fused, model_attr, guard_id: int, state_dict_id: int):
+        self.fused, self.model_attr = fused, model_attr
+        self.guard_id, self.state_dict_id = guard_id, state_dict_id
+
+    def undo(self, owner) -> None:
+        owner._forward_pre_hooks.pop(self.guard_id, None)
+        owner._state_dict_hooks.pop(self.state_dict_id, None)
+        for attn, old, ours, children, flag in self.fused.values():
+            current = attn.processor
+            # Put the unfused processor back unless the user set another since (an IP-Adapter loaded after
+            # optimize); a fused processor built anew by a loader (same class as ours) needs the fused layers.
+            if current is ours or type(current).__name__ in FAITHFUL:
+                attn.set_processor(old)
+            _unfuse_layer(attn, children, flag)
+        _restore_attr(owner, "original_attn_processors", self.model_attr)
+
+
+def apply_fuse_projections(model: torch.nn.Module) -> Optional[Applied]:
     """Fuse the QKV projections of ``model`` with its own ``fuse_qkv_projections``, keeping every processor the
-    fused one would not reproduce; check :func:`blocker` first. The undo removes the fused layers, flags,
-    processors and guard it added and touches nothing else. None when no layer ended up fused."""
+    fused one would not reproduce; check :func:`blocker` first. A :class:`FusedProjections` layer on the model
+    undoes it. Returns what changed, or None when no layer ended up fused."""
     saved: Dict[str, tuple] = {
         name: (attn, attn.processor, set(attn._modules), attn.__dict__.get("fused_projections", _MISSING))
         for name, attn in attention_modules(model)
     }
-    model_attr = model.__dict__.get("original_attn_processors", _MISSING)
+    since, model_attr = mark(), model.__dict__.get("original_attn_processors", _MISSING)
+    device = next(model.parameters()).device
     try:
-        model.fuse_qkv_projections()
-    except Exception:
+        # The fused Linear layers are built with random initial weights before diffusers copies the projections
+        # in: keep that draw off the user's random stream, so an unseeded image is the same with and without.
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            model.fuse_qkv_projections()
+    except BaseException:
         _abandon(model, saved, model_attr)  # half-way through: leave the model as it was, then say why
         raise
 
@@ -123,27 +156,18 @@ def apply_fuse_projections(model: torch.nn.Module) -> Optional[Change]:
             kept[type(old).__name__] += 1
         elif getattr(attn, "fused_projections", False):
             fused[name] = (attn, old, new, children, flag)
-    hook = model.register_forward_pre_hook(_lora_guard(model, [v[0] for v in fused.values()]))
-
-    def undo():
-        hook.remove()
-        for attn, old, ours, children, flag in fused.values():
-            current = attn.processor
-            # Put the unfused processor back unless the user set another since (an IP-Adapter loaded after
-            # optimize); a fused processor built anew by a loader (same class as ours) needs the fused layers.
-            if current is ours or type(current).__name__ in FAITHFUL:
-                attn.set_processor(old)
-            _unfuse_layer(attn, children, flag)
-        _restore_attr(model, "original_attn_processors", model_attr)
-
+    guard = model.register_forward_pre_hook(_LoraGuard(type(model).__name__, [v[0] for v in fused.values()]))
+    clean = model._register_state_dict_hook(_DropFused(list(fused)))
+    layer = FusedProjections(fused, model_attr, guard.id, clean.id)
     if not fused:
-        undo()
+        layer.undo(model)
         return None
+    attach(model, layer)
     processors = Counter(type(v[2]).__name__ for v in fused.values())
     detail = f"{len(fused)} attention layers fused (" + ", ".join(f"{n}x {p}" for p, n in processors.items()) + ")"
     if kept:
         detail += "; kept unfused for their processors: " + ", ".join(f"{n}x {p}" for p, n in kept.items())
-    return Change(detail, undo)
+    return Applied(detail, since, model)
 
 
 def _abandon(model, saved, model_attr) -> None:
@@ -168,20 +192,53 @@ def _restore_attr(obj, name, value) -> None:
         obj.__dict__[name] = value
 
 
-def _lora_guard(model, layers):
-    name = type(model).__name__
+class _DropFused:
+    """A state-dict hook: the fused layers are a copy of ``to_q``/``to_k``/``to_v``, so ``state_dict()`` (and
+    ``save_pretrained``) leaves them out and writes the checkpoint the model was loaded from."""
 
-    def guard(module, args):
-        # A LoRA loaded after fusing wraps to_q/to_k/to_v, which the fused layers no longer read: its effect
-        # would silently vanish. Refuse to run instead. (Under torch.compile this check is traced once and kept
-        # as guards on the projections, so it costs nothing per call.)
-        for attn in layers:
+    def __init__(self, layers: List[str]):
+        self.layers = layers
+
+    def __call__(self, module, state_dict, prefix, local_metadata):
+        for name in self.layers:
+            for fused in FUSED_LAYERS:
+                for key in (f"{prefix}{name}.{fused}.weight", f"{prefix}{name}.{fused}.bias"):
+                    state_dict.pop(key, None)
+        return state_dict
+
+
+class _LoraGuard:
+    """A forward pre-hook: a LoRA loaded after fusing wraps to_q/to_k/to_v, which the fused layers no longer read,
+    so its effect would silently vanish. Refuse to run instead. (Under torch.compile this check is traced once and
+    kept as guards on the projections, so it costs nothing per call.)"""
+
+    def __init__(self, name: str, layers):
+        self.name, self.layers = name, layers
+
+    def __call__(self, module, args):
+        for attn in self.layers:
             for proj in PROJECTIONS:
                 if _is_lora(getattr(attn, proj, None)):
                     raise RuntimeError(
-                        f"diffopt: a LoRA was loaded into {name} after its QKV projections were fused, and the fused "
-                        "projections would ignore it. Call diffopt.optimize(pipe) again without fuse_projections "
-                        "(or diffopt.restore(pipe)) after loading LoRA weights."
+                        f"diffopt: a LoRA was loaded into {self.name} after its QKV projections were fused, and the "
+                        "fused projections would ignore it. Call diffopt.optimize(pipe) again without "
+                        "fuse_projections (or diffopt.restore(pipe)) after loading LoRA weights."
                     )
 
-    return guard
+
+def plan(ctx) -> List[Step]:
+    if not ctx.config.fuse_projections:
+        return []
+    steps = []
+    for component in ctx.components:
+        found = blocker(component.module)
+        if found is not None:
+            requirement, what = found
+            # Only the denoiser makes a named fuse_projections an error: a VAE decoder or a ControlNet that cannot
+            # fuse is no reason to refuse the rest. A model fused by the user is left alone, as for compile.
+            if ctx.config.asks_for(NAME) and component.role == DENOISER and what != ALREADY_FUSED:
+                raise capabilities.UnsupportedFeatureError(f"fuse_projections: fused QKV projections needs {requirement} (found {what})")
+            ctx.report.add(component.name, NAME, SKIPPED, what if what == ALREADY_FUSED else f"fused QKV projections needs {requirement} (found {what})")
+            continue
+        steps.append(Step(component.name, NAME, lambda module=component.module: apply_fuse_projections(module)))
+    return steps

@@ -34,8 +34,13 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from . import Change
+from .. import capabilities
+from ..components import CONTROLNET, DENOISER, execution_device
+from ..layers import Applied, Layer, attach, detach, mark
+from ..plan import Step
+from ..report import SKIPPED
 
+NAME = "quantize"
 MODES = ("fp8", "int8", "int8-weight-only")
 DESCRIPTIONS = {
     "fp8": "float8 dynamic activation + float8 weight",
@@ -154,12 +159,15 @@ def describe_skipped(skipped: Counter) -> str:
     return ", ".join(f"{n} {reason}" for reason, n in skipped.most_common())
 
 
-class _Record:
-    """One quantized layer: the original Parameter and what torchao changed on the instance."""
+class QuantizedLinear(Layer):
+    """On one quantized layer: the original Parameter and what torchao changed on the instance. Undo puts the very
+    same Parameter back, on the device and in the dtype the layer has now (after a ``.to()`` since optimize)."""
 
-    def __init__(self, linear: torch.nn.Linear):
-        self.linear = linear
+    transform = NAME
+
+    def __init__(self, linear: torch.nn.Linear, model: torch.nn.Module):
         self.weight = linear._parameters["weight"]
+        self.model = model  # whose plain weights say which dtype the layer would have now
         # torchao replaces extra_repr on the instance to show the quantized weight; remember what was there.
         self.had_repr = "extra_repr" in vars(linear)
         self.repr = vars(linear).get("extra_repr")
@@ -171,66 +179,98 @@ class _Record:
         self.weight.data = self.weight.data.to(PARKING_DEVICE)
         return True
 
-    def undo(self) -> None:
-        device = self.linear.weight.device  # where the layer lives now, should it have moved meanwhile
-        if self.weight.device != device:
-            self.weight.data = self.weight.data.to(device)
-        self.linear.weight = self.weight
-        if self.had_repr:
-            vars(self.linear)["extra_repr"] = self.repr
+    def original_now(self, linear) -> torch.Tensor:
+        """The original weight as the layer would hold it now: its current device, and its current dtype (a
+        quantized weight reports the dtype it stands for; the bias, where there is one, says it too)."""
+        current = linear.weight
+        plain = (p for p in self.model.parameters() if type(p) is torch.nn.Parameter and p.is_floating_point())
+        dtype = linear.bias.dtype if linear.bias is not None else next(plain, self.weight).dtype
+        data = self.weight.data
+        if current.device.type == "meta":
+            return torch.empty_like(data, device="meta", dtype=dtype)
+        return data.to(device=current.device, dtype=dtype)
+
+    def undo(self, owner) -> None:
+        now = self.original_now(owner)
+        if now.device.type == "meta" and self.weight.device.type != "meta":
+            # A Parameter cannot change its device type through .data: the model went to meta, so does the weight.
+            owner.weight = torch.nn.Parameter(now, requires_grad=self.weight.requires_grad)
         else:
-            vars(self.linear).pop("extra_repr", None)
+            self.weight.data = now
+            owner.weight = self.weight
+        if self.had_repr:
+            vars(owner)["extra_repr"] = self.repr
+        else:
+            vars(owner).pop("extra_repr", None)
 
 
-def apply_quantize(model: torch.nn.Module, mode: str) -> Optional[Change]:
-    """Quantize the Linear layers :func:`select_layers` picks in ``model``; undo puts the original Parameters back.
+class _CleanStateDict:
+    """A state-dict hook on the quantized model: ``state_dict()`` (and so ``save_pretrained``) returns the original
+    weights, as the model would hold them now, instead of torchao's 8-bit tensors, which safetensors cannot write."""
 
-    Returns None when no layer qualifies. Needs torchao (see ``capabilities.quantize``).
-    """
+    def __init__(self, layers):
+        self.layers = layers  # [(path, linear, QuantizedLinear)]
+
+    def __call__(self, module, state_dict, prefix, local_metadata):
+        for path, linear, layer in self.layers:
+            key = f"{prefix}{path}.weight"
+            if key in state_dict and linear.weight is not layer.weight:
+                state_dict[key] = layer.original_now(linear)
+        return state_dict
+
+
+class StateDictHook(Layer):
+    """A state-dict hook diffopt registered on a model; undo removes it."""
+
+    def __init__(self, transform: str, hook_id: int):
+        self.transform, self.hook_id = transform, hook_id
+
+    def undo(self, owner) -> None:
+        owner._state_dict_hooks.pop(self.hook_id, None)
+
+
+def apply_quantize(model: torch.nn.Module, mode: str) -> Optional[Applied]:
+    """Quantize the Linear layers :func:`select_layers` picks in ``model``, each with a :class:`QuantizedLinear`
+    layer on it. Returns what changed, or None when no layer qualifies. Needs torchao (see capabilities.quantize)."""
     from torchao.quantization import quantize_
 
     chosen, skipped = select_layers(model, mode)
-    records: List[_Record] = []
+    since, done = mark(), []
     moved = False
     before = _megabytes(linear.weight for _, linear in chosen)
     try:
-        for _, linear in chosen:
-            record = _Record(linear)
-            records.append(record)  # before quantize_, so that a layer torchao fails half-way is put back too
-            config = torchao_config(mode, record.weight.dtype)
+        for path, linear in chosen:
+            layer = QuantizedLinear(linear, model)
+            done.append((path, linear, layer))  # before quantize_, so a layer torchao fails half-way goes back too
+            config = torchao_config(mode, layer.weight.dtype)
             quantize_(linear, config, filter_fn=lambda module, fqn, target=linear: module is target)
             if type(linear.weight) is torch.nn.Parameter:  # torchao declined (shape or dtype it cannot take)
-                records.pop().undo()
+                done.pop()[2].undo(linear)
                 skipped[LEFT_BY_TORCHAO] += 1
                 continue
             # Parked one layer at a time, so the peak is one layer above the model, never a second copy.
-            moved = record.park() or moved
+            moved = layer.park() or moved
+        for _, linear, layer in done:
+            attach(linear, layer)
+        if done:
+            handle = model._register_state_dict_hook(_CleanStateDict(done))
+            attach(model, StateDictHook(NAME, handle.id))
     except BaseException:
-        for record in reversed(records):
-            record.undo()
+        for _, linear, layer in reversed(done):
+            layer.undo(linear)
+            detach(linear, layer)
         raise
-    if not records:
+    if not done:
         return None
-
-    def undo():
-        errors = []
-        for record in reversed(records):
-            try:
-                record.undo()
-            except Exception as error:  # put back every other layer before reporting
-                errors.append(error)
-        if errors:
-            raise errors[0]
-
-    after = _megabytes(t for r in records for t in _storage(r.linear.weight))
+    after = _megabytes(t for _, linear, _ in done for t in _storage(linear.weight))
     detail = (
-        f"{DESCRIPTIONS[mode]} ({_granularity(mode, {r.weight.dtype for r in records})}): {len(records)} of "
+        f"{DESCRIPTIONS[mode]} ({_granularity(mode, {layer.weight.dtype for _, _, layer in done})}): {len(done)} of "
         f"{len(chosen) + sum(skipped.values())} Linear layers, weights {before:.1f} -> {after:.1f} MiB; "
         + (f"originals moved to {PARKING_DEVICE.type} memory until restore" if moved else "originals kept for restore")
     )
     if skipped:
         detail += f"; not quantized: {describe_skipped(skipped)}"
-    return Change(detail, undo)
+    return Applied(detail, since, model)
 
 
 def _storage(weight: torch.Tensor) -> List[torch.Tensor]:
@@ -245,3 +285,24 @@ def _storage(weight: torch.Tensor) -> List[torch.Tensor]:
     ]
     return [p for p in parts if isinstance(p, torch.Tensor)]
 
+
+
+def plan(ctx) -> List[Step]:
+    mode, steps = ctx.config.quantize, []
+    if mode is None:
+        return steps
+    for component in ctx.components:
+        if component.role not in (DENOISER, CONTROLNET):
+            continue  # the VAE runs once per image and is conv-bound: 8-bit Linear layers would not pay there
+        gate = capabilities.quantize(mode, execution_device(component.module))
+        reason = capabilities.require_or_skip(gate, ctx.config.asks_for(NAME), f"quantize={mode!r}")
+        if reason:
+            ctx.report.add(component.name, NAME, SKIPPED, reason)
+            continue
+        chosen, skipped = select_layers(component.module, mode)
+        if not chosen:
+            kept = describe_skipped(skipped) or "it has none"
+            ctx.report.add(component.name, NAME, SKIPPED, f"no Linear layer worth quantizing ({kept})")
+            continue
+        steps.append(Step(component.name, NAME, lambda module=component.module: apply_quantize(module, mode)))
+    return steps

@@ -12,13 +12,17 @@ eager ``.to("cuda")`` of a CPU tensor waits for the stream; a CPU input would ke
 """
 from __future__ import annotations
 
-import functools
 import inspect
-import types
+from typing import List, Optional
 
 import torch
 
-from . import Change, current_function, set_instance_attr
+from ..components import CONTROLNET, DENOISER, execution_device, is_pipeline, is_transformer
+from ..layers import Applied, InstanceHook, mark
+from ..plan import Step
+from ..report import SKIPPED
+
+NAME = "cpu_timesteps"
 
 #: Schedulers that read the current timestep on the CPU every step (``alphas_cumprod[timestep]``, ``if t > 0``),
 #: and so wait for the GPU when the timesteps live there. Others (Euler, DPM-Solver, flow matching, ...) index
@@ -46,25 +50,24 @@ def takes_device(scheduler) -> bool:
         return False
 
 
-def apply_cpu_timesteps(scheduler) -> Change:
-    """Make ``scheduler.set_timesteps`` put its timesteps on the CPU whatever device the pipeline asks for.
-    An instance attribute; the undo removes it.
+class TimestepsOnCpu(InstanceHook):
+    """``scheduler.set_timesteps`` with ``device="cpu"`` whatever device the pipeline asks for. Installed on the
+    instance around what was there (an earlier hook is kept, not bypassed), so a deep-copied scheduler's hook sets
+    the copy's timesteps."""
 
-    It is a method bound to the scheduler around :func:`current_function`, not a closure over this scheduler's
-    bound method, so ``copy.deepcopy(scheduler)`` gives a copy whose hook sets the copy's timesteps."""
-    function = current_function(scheduler, "set_timesteps")  # an earlier instance-level hook is kept, not bypassed
-    signature = inspect.signature(function)  # with self
+    transform = NAME
 
-    # functools.wraps keeps the signature: retrieve_timesteps asks set_timesteps which arguments it accepts.
-    @functools.wraps(function)
-    def set_timesteps_on_cpu(self, *args, **kwargs):
-        bound = signature.bind(self, *args, **kwargs)
+    def around(self, *args, **kwargs):
+        bound = inspect.signature(self.__wrapped__).bind(*args, **kwargs)
         bound.arguments["device"] = "cpu"
-        return function(*bound.args, **bound.kwargs)
+        return self.inner(*bound.args, **bound.kwargs)
 
-    undo = set_instance_attr(scheduler, "set_timesteps", types.MethodType(set_timesteps_on_cpu, scheduler))
+
+def apply_cpu_timesteps(scheduler) -> Applied:
+    since = mark()
+    TimestepsOnCpu(scheduler, "set_timesteps").install()
     detail = f"{type(scheduler).__name__} keeps its timesteps on the CPU: reading them never waits for the GPU"
-    return Change(detail, undo)
+    return Applied(detail, since, scheduler)
 
 
 #: CPU tensors up to this many elements are moved by scalars_to_device (a timestep, or one per batch item).
@@ -91,3 +94,50 @@ def scalars_to_device(args: tuple, kwargs: dict, device: torch.device):
         return value.to(device)
 
     return tuple(move(a) for a in args), {k: move(v) for k, v in kwargs.items()}
+
+
+def decide(ctx) -> Optional[str]:
+    """Whether this optimize call keeps the timesteps on the CPU: None when it does, else why not. On by default
+    where it applies, so a pipeline it does not fit gets no report line (``assert not report.skipped`` stays true
+    on a CPU); named, the reason is reported, and it is an error where the pipeline could run on a GPU but cannot
+    take it."""
+    denoiser = ctx.denoiser()
+    if not ctx.config.cpu_timesteps or denoiser is None:
+        return "off"
+    named = ctx.config.asks_for(NAME)
+    device = execution_device(denoiser.module)
+    if device.type != "cuda":  # nothing waits for a GPU: a no-op, not a missing feature
+        if named:
+            ctx.report.add("scheduler", NAME, SKIPPED, f"{denoiser.name} runs on {device.type}; only a GPU makes the loop wait")
+        return "not on a GPU"
+    reason = _blocker(ctx, denoiser)
+    if reason and named:
+        raise ValueError(f"cpu_timesteps=True: {reason}")
+    return reason
+
+
+def _blocker(ctx, denoiser) -> Optional[str]:
+    scheduler = getattr(ctx.target, "scheduler", None)
+    if not is_pipeline(ctx.target) or not takes_device(scheduler):
+        return f"needs a pipeline whose scheduler.set_timesteps takes a device, got {type(ctx.target).__name__}"
+    kind = type(denoiser.module).__name__
+    if is_transformer(denoiser.module):
+        # They pass t.expand(batch), not one scalar, and flow-match schedulers index by step, not by timestep.
+        return f"{kind} takes a batch of timesteps; only UNet pipelines are covered"
+    if not any("UNet" in cls.__name__ for cls in type(denoiser.module).__mro__):
+        return f"{kind} is not a UNet; only UNet pipelines are covered"
+    if not waits_every_step(scheduler):
+        return (f"{type(scheduler).__name__} does not read its timesteps every step, so there is no wait to remove "
+                f"(covered: {', '.join(WAITING_SCHEDULERS)})")  # fmt: skip
+    for component in ctx.components:
+        if component.role in (DENOISER, CONTROLNET) and ctx.compile_options.get(component.name) is None:
+            # Eager code would copy each CPU timestep to the GPU with a blocking copy: the wait this removes.
+            return f"{component.name} is not compiled by diffopt, so it would copy each timestep with a blocking copy"
+    return None
+
+
+def plan(ctx) -> List[Step]:
+    if not ctx.timesteps_on_cpu:
+        return []
+    scheduler = ctx.target.scheduler
+    return [Step("scheduler", NAME, lambda: apply_cpu_timesteps(scheduler))]
