@@ -14,6 +14,12 @@ and machine, and reports in one sentence what happened. Interface (what the comp
 ``load``/``save`` return a :class:`CacheResult` (``status``, ``detail`` for a report line, ``path``, ``nbytes``)
 and never raise: a broken cache costs a ``RuntimeWarning`` and a recompile, never a failed generation.
 Layout: ``<directory>/<key>/artifacts.bin`` and ``<directory>/<key>/meta.json`` (fingerprint, time, size).
+``save`` writes everything compiled in the process so far (loaded artifacts included), so calling it again after
+a recompile (a new shape) only makes the entry more complete.
+
+What the artifacts hold: inductor's and AOTAutograd's cache entries (generated code), plus on CUDA the built Triton
+kernels. On the CPU the C++ kernels travel as source: a warm process skips tracing and lowering but still runs the
+C++ compiler (a tiny UNet on 2 cores: 79 s instead of 126 s), so the cache pays off mostly on GPUs.
 ``copy_entries`` copies entries into another cache directory (a container image, a serving volume).
 """
 from __future__ import annotations
@@ -60,12 +66,13 @@ def resolve_directory(setting: Any = None) -> Optional[pathlib.Path]:
         # The XDG spec says a relative XDG_CACHE_HOME is invalid and must be ignored.
         base = pathlib.Path(xdg) if os.path.isabs(xdg) else pathlib.Path.home() / ".cache"
         return base / "diffopt"
-    if isinstance(setting, (str, os.PathLike)) and not isinstance(setting, bool):
-        path = os.fspath(setting)
-        if isinstance(path, str) and path.strip():
-            return pathlib.Path(path).expanduser()
-        raise ValueError(f"compile_cache={setting!r}: expected None (default location), False (off) or a directory path")
-    raise TypeError(f"compile_cache={setting!r}: expected None (default location), False (off) or a directory path")
+    choices = f"compile_cache={setting!r}: expected None (default location), False (off) or a directory path"
+    path = os.fspath(setting) if isinstance(setting, (str, os.PathLike)) else None
+    if not isinstance(path, str):  # True, numbers, bytes paths
+        raise TypeError(choices)
+    if not path.strip():
+        raise ValueError(choices)
+    return pathlib.Path(path).expanduser()
 
 
 def package_version(name: str) -> str:
