@@ -80,7 +80,9 @@ def _plan(target, config: OptimizeConfig, report: Report) -> List[Step]:
 
 
 def _compile_cache(config: OptimizeConfig):
-    return lambda component, options: None
+    from . import compile_cache
+
+    return compile_cache.entry_factory(config.compile_cache)
 
 
 def optimize(target, config: Optional[OptimizeConfig] = None, **options) -> Report:

@@ -230,3 +230,40 @@ def copy_entries(src_dir, dst_dir, keys: Iterable[str]) -> List[pathlib.Path]:
     for key in keys:
         copied.append(pathlib.Path(shutil.copytree(pathlib.Path(src_dir) / key, pathlib.Path(dst_dir) / key, dirs_exist_ok=True)))
     return copied
+
+
+class Entry:
+    """One compiled model's place in the cache, for the compile transform: loaded when it is created (before the
+    model's first compiled call), saved after that call unless it came from the cache."""
+
+    def __init__(self, directory: pathlib.Path, key: str, device):
+        self.directory, self.key, self.device = directory, key, device
+        self.loaded = load(directory, key, device)
+
+    @property
+    def detail(self) -> str:
+        if self.loaded.status == "missing":
+            return f"no saved compile yet; it is saved to {_shown(self.directory)} after the first call"
+        return self.loaded.detail
+
+    def after_first_call(self) -> Optional[CacheResult]:
+        if self.loaded.status == "loaded":
+            return None  # nothing new to write: the entry already holds what this call used
+        return save(self.directory, self.key, self.device)
+
+
+def entry_factory(setting: Any):
+    """``entry(component, options)`` for the ``compile_cache`` option: an :class:`Entry` for a model compiled with
+    inductor, None where the cache is off or the backend is another (its graphs are not inductor's to cache)."""
+    directory = resolve_directory(setting)
+
+    def entry(component, options: Dict[str, Any]) -> Optional[Entry]:
+        if directory is None or options.get("backend", "inductor") != "inductor":
+            return None
+        from .components import execution_device, module_dtype
+
+        device = execution_device(component.module)
+        key = artifact_key(component.module, options, device, module_dtype(component.module))
+        return Entry(directory, key, device)
+
+    return entry

@@ -1,5 +1,10 @@
 """Tiny random diffusers models: every test runs on a CPU in milliseconds (compile tests in seconds)."""
 import pytest
+import os
+
+# The suite compiles many throwaway models: none of them may land in (or load from) the user's compile cache.
+# Tests of the cache point it at their own directories.
+os.environ["DIFFOPT_CACHE_DIR"] = "off"
 import torch
 
 CROSS_DIM = 32

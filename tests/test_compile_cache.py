@@ -258,3 +258,40 @@ def test_a_fresh_process_loads_what_another_compiled(tmp_path):
     assert torch.allclose(torch.tensor(b["output"]), torch.tensor(a["output"]), rtol=0, atol=1e-6)
     print(f"\ncold first call {a['first_call_s']:.1f} s; after loading {b['load']['nbytes'] / 1e6:.1f} MB in "
           f"{b['load_s']:.2f} s, first call {b['first_call_s']:.1f} s")
+
+
+@pytest.mark.compile
+def test_optimize_saves_after_the_first_call_and_the_next_optimize_loads_it(tmp_path):
+    import diffopt
+    from conftest import tiny_unet, unet_inputs
+
+    torch.compiler.reset()
+    unet = tiny_unet()
+    report = diffopt.optimize(unet, compile_cache=tmp_path, memory_format=None)
+    (step,) = [s for s in report.applied if s.transform == "compile"]
+    assert "no saved compile yet" in step.detail and str(tmp_path.name) in step.detail
+    with torch.no_grad():
+        first = unet(**unet_inputs(unet)).sample
+    entries = [p.parent for p in tmp_path.glob("*/meta.json")]
+    assert len(entries) == 1 and (entries[0] / "artifacts.bin").stat().st_size > 0
+
+    torch.compiler.reset()  # as a new process would start
+    again = tiny_unet()
+    report = diffopt.optimize(again, compile_cache=tmp_path, memory_format=None)
+    (step,) = [s for s in report.applied if s.transform == "compile"]
+    assert step.detail.endswith("saved by an earlier run on this machine and versions"), step.detail
+    with torch.no_grad():
+        assert torch.allclose(again(**unet_inputs(again)).sample, first, atol=1e-5)
+    diffopt.restore(unet), diffopt.restore(again)
+    assert diffopt.optimize(tiny_unet(), compile_cache=False, compile={"backend": "eager"}).applied
+
+
+def test_bad_compile_cache_values_are_refused_before_anything_changes():
+    import diffopt
+    from conftest import tiny_unet
+
+    unet = tiny_unet()
+    for bad in (True, 3, b"/tmp"):
+        with pytest.raises(TypeError, match="compile_cache must be None"):
+            diffopt.optimize(unet, compile_cache=bad)
+    assert not diffopt.api.is_optimized(unet)

@@ -167,6 +167,7 @@ class CompiledCall(Layer):
             ", dynamic batch" if dynamic_batch else "",
             ", new CUDA-graph step per call" if new_step else "",
             f", CPU timesteps made on {scalars_to}" if scalars_to is not None else "",
+            f"; {cache.detail}" if cache is not None else "",
         ])  # fmt: skip
 
     def __call__(self, *args, **kwargs):
@@ -197,8 +198,9 @@ class CompiledCall(Layer):
                 output = module._call_impl(*args, **kwargs)
         if first:
             logger.warning("diffopt: compiled %s in %.1f s", self.name, time.perf_counter() - started)
-            if self.cache is not None:
-                self.cache.after_first_call()
+            saved = self.cache.after_first_call() if self.cache is not None else None
+            if saved is not None:
+                logger.info("diffopt: %s", saved.detail)
         return output
 
     def _offloaded_call(self, hook, args, kwargs):
