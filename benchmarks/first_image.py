@@ -1,0 +1,73 @@
+"""Time to the first image: from building an optimized pipeline to its first image, then the steady speed.
+
+Run each recipe in its own process; point TORCHINDUCTOR_CACHE_DIR and TRITON_CACHE_DIR at empty directories for
+a cold start, and DIFFOPT_CACHE_DIR at a directory an earlier run filled for a warm one. Prints one JSON line.
+
+    python benchmarks/first_image.py diffopt sd15 1,4,1
+    python benchmarks/first_image.py diffusers-compile sd15 1
+    python benchmarks/first_image.py eager sd15 1
+"""
+import json
+import sys
+import time
+
+import torch
+
+import diffusers
+from diffusers import DDIMScheduler, EulerDiscreteScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
+
+from diffopt.bench.configs import build_model
+
+recipe, model, batches = sys.argv[1], sys.argv[2], [int(b) for b in sys.argv[3].split(",")]
+steps = int(sys.argv[4]) if len(sys.argv) > 4 else (50 if model == "sd15" else 30)
+device, dtype = "cuda", torch.float16
+start = time.perf_counter()
+if model == "sd15":
+    unet, vae, size, context = build_model("sd15-unet", device=device, dtype=dtype), build_model("sd15-vae", device=device, dtype=dtype), 512, (77, 768)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=None, tokenizer=None, unet=unet, scheduler=DDIMScheduler(),
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+else:
+    unet, vae, size, context = build_model("sdxl-unet", device=device, dtype=dtype), build_model("sdxl-vae", device=device, dtype=dtype), 1024, (77, 2048)
+    pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=None, text_encoder_2=None, tokenizer=None, tokenizer_2=None,
+                                     unet=unet, scheduler=EulerDiscreteScheduler())
+pipe.set_progress_bar_config(disable=True)
+built = time.perf_counter() - start
+
+
+def call(batch):
+    g = torch.Generator(device).manual_seed(0)
+    kwargs = dict(prompt_embeds=torch.randn(batch, *context, device=device, dtype=dtype, generator=g),
+                  negative_prompt_embeds=torch.randn(batch, *context, device=device, dtype=dtype, generator=g),
+                  num_inference_steps=steps, height=size, width=size, output_type="latent")
+    if model == "sdxl":
+        kwargs.update(pooled_prompt_embeds=torch.randn(batch, 1280, device=device, dtype=dtype, generator=g),
+                      negative_pooled_prompt_embeds=torch.randn(batch, 1280, device=device, dtype=dtype, generator=g))
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    with torch.inference_mode():
+        out = pipe(**kwargs).images
+    torch.cuda.synchronize()
+    return time.perf_counter() - t, out
+
+
+start = time.perf_counter()
+detail = ""
+if recipe.startswith("diffopt"):
+    import diffopt
+
+    options = dict(item.split("=", 1) for item in recipe.split(":")[1:])
+    report = diffopt.optimize(pipe, **options)
+    detail = [s.detail for s in report.applied if s.transform == "compile"]
+elif recipe == "diffusers-compile":  # the diffusers docs' recipe: SDPA + channels_last + compile(reduce-overhead)
+    pipe.unet.to(memory_format=torch.channels_last)
+    pipe.unet = torch.compile(pipe.unet, mode="reduce-overhead", fullgraph=True)
+optimize_s = time.perf_counter() - start
+result = dict(recipe=recipe, model=model, steps=steps, gpu=torch.cuda.get_device_name(), torch=torch.__version__,
+              diffusers=diffusers.__version__, build_s=round(built, 1), optimize_s=round(optimize_s, 2), compile=detail, shapes=[])
+for batch in batches:
+    first, latents = call(batch)
+    times = sorted(call(batch)[0] for _ in range(5))
+    result["shapes"].append(dict(batch=batch, first_call_s=round(first, 2), steady_s=round(times[2], 4),
+                                 steps_per_s=round(steps / times[2], 2)))
+    result.setdefault("latents", latents.float().cpu().flatten()[:4096].tolist() if batch == batches[0] else None)
+print("RESULT", json.dumps(result), flush=True)
