@@ -11,7 +11,7 @@ for spec in "$@"; do
   name=${spec%%:*}; rest=${spec#*:}; secs=${rest%%:*}; args=${rest#*:}
   start=$(date +%s)
   # shellcheck disable=SC2086
-  # SIGTERM at the limit: the bench writes what it finished (stages included); KILL 30 s later if it hangs.
-  timeout -k 30 "$secs" python3 -m diffopt.bench $args --out "$out/$name" 2>&1 | grep -vE "━|torchvision" | tail -40
+  # SIGINT (Ctrl-C) at the limit: the bench writes what it finished (stages included); KILL 30 s later if it hangs.
+  timeout -s INT -k 30 "$secs" python3 -m diffopt.bench $args --out "$out/$name" 2>&1 | grep -vE "━|torchvision" | tail -40
   echo "# $name wall $(( $(date +%s) - start ))s"
 done

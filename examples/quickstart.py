@@ -1,7 +1,7 @@
 """diffopt in one minute: time a Stable Diffusion pipeline, optimize it with one line, time it again,
 check what changed in the output, then take it all back.
 
-    python examples/quickstart.py                    # about 1-2 minutes on a 2-core CPU (mostly compile)
+    python examples/quickstart.py                    # under a minute on a 2-core CPU (mostly compile)
     python examples/quickstart.py --no-compile       # seconds: attention processors + channels_last only
     python examples/quickstart.py --size small --steps 20 --device cuda
 
@@ -13,12 +13,14 @@ Everything runs in float32 so that the differences printed come from the optimiz
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
 import torch
 
 import diffopt
+from diffopt.quiet import quiet_third_party
 
 # UNet configs. "tiny" compiles in under a minute on a laptop CPU; "small" is closer to a real UNet's
 # shape (two layers per block, 32x32 latents) and shows more of the speed-up, at a longer compile.
@@ -26,7 +28,13 @@ SIZES = {
     "tiny": dict(block_out_channels=(32, 64), layers_per_block=1, sample_size=16, cross_attention_dim=32),
     "small": dict(block_out_channels=(64, 128), layers_per_block=2, sample_size=32, cross_attention_dim=64),
 }
-TIMED_RUNS = 3
+#: Timed generations of each pipeline, eager and optimized taking turns, so that a burst of load from another
+#: process slows both alike instead of one; the medians are compared.
+TIMED_RUNS = 7
+#: Untimed rounds first: a CPU's oneDNN kernels and caches settle over the first few calls of each pipeline.
+WARMUP_ROUNDS = 2
+#: Upper over lower quartile of one pipeline's timings above which the machine was too busy to trust the figure.
+MAX_SPREAD = 1.5
 # restore() puts the classic AttnProcessor back, which computes the same attention as the SDPA one the
 # eager run used, in a different order: equal up to float32 rounding, not bit for bit.
 RESTORE_TOLERANCE = 1e-4
@@ -79,8 +87,21 @@ def seconds(fn) -> float:
     return time.perf_counter() - start
 
 
-def median_seconds(pipe, steps: int) -> float:
-    return statistics.median(seconds(lambda: generate(pipe, steps)) for _ in range(TIMED_RUNS))
+def interleaved_seconds(eager_pipe, pipe, steps: int) -> tuple[list[float], list[float]]:
+    """Seconds of TIMED_RUNS generations of each pipeline, eager and optimized taking turns."""
+    for _ in range(WARMUP_ROUNDS):
+        generate(eager_pipe, steps), generate(pipe, steps)
+    eager, optimized = [], []
+    for _ in range(TIMED_RUNS):
+        eager.append(seconds(lambda: generate(eager_pipe, steps)))
+        optimized.append(seconds(lambda: generate(pipe, steps)))
+    return eager, optimized
+
+
+def spread(times: list[float]) -> float:
+    """Upper over lower quartile: one slow outlier does not count, a busy machine's scatter does."""
+    lower, _, upper = statistics.quantiles(times, n=4)
+    return upper / lower
 
 
 def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -97,12 +118,13 @@ def main(argv=None) -> int:
                         help="torch device (default: cuda if available, else cpu)")
     args = parser.parse_args(argv)
 
-    pipe = build_pipeline(args.size, args.device)
+    # Two pipelines built alike (same seed, same weights): one stays eager, the other is optimized, so the two
+    # can be timed in turns.
+    eager_pipe, pipe = build_pipeline(args.size, args.device), build_pipeline(args.size, args.device)
     print(f"pipeline: StableDiffusionPipeline, {args.size} random UNet, {args.steps} steps, on {args.device}")
 
     # 1. Eager baseline. The first call pays one-off costs (allocations, lazy imports), so it is not timed.
-    eager = generate(pipe, args.steps)
-    eager_s = median_seconds(pipe, args.steps)
+    eager = generate(eager_pipe, args.steps)
 
     # 2. The one line. Everything it did, skipped or left unchanged is in the report. With no option named,
     # a feature the installed torch lacks is skipped with its reason; a named one (compile=True) would raise.
@@ -110,15 +132,25 @@ def main(argv=None) -> int:
     print(report)
 
     # 3. torch.compile is lazy: the first call traces and compiles. Time it apart from the steady state.
+    if not args.no_compile:
+        where = "GPU" if args.device.startswith("cuda") else f"{os.cpu_count()}-core CPU"
+        print(f"compiling the UNet with torch.compile: the first call takes 20-60 s on a 2-core CPU, less on a "
+              f"bigger machine (this one: {where}); later calls reuse the compiled code ...", flush=True)
     first_s = seconds(lambda: generate(pipe, args.steps))
     optimized = generate(pipe, args.steps)
-    optimized_s = median_seconds(pipe, args.steps)
+    eager_times, optimized_times = interleaved_seconds(eager_pipe, pipe, args.steps)
+    eager_s, optimized_s = statistics.median(eager_times), statistics.median(optimized_times)
 
-    print(f"eager      : {args.steps / eager_s:8.2f} steps/s  (median of {TIMED_RUNS} generations)")
+    timed = f"(median of {TIMED_RUNS} generations, taking turns)"
+    print(f"eager      : {args.steps / eager_s:8.2f} steps/s  {timed}")
     note = "torch.compile traces and compiles here, once" if not args.no_compile else "no compile"
     print(f"first call : {first_s:8.2f} s        ({note})")
-    print(f"optimized  : {args.steps / optimized_s:8.2f} steps/s  (median of {TIMED_RUNS} generations)")
+    print(f"optimized  : {args.steps / optimized_s:8.2f} steps/s  {timed}")
     print(f"speed-up   : {eager_s / optimized_s:8.2f}x")
+    worst = max(spread(eager_times), spread(optimized_times))
+    if worst > MAX_SPREAD:
+        print(f"warning    : timings varied {worst:.1f}x between runs (quartiles; the machine is busy?): the speed-up above is "
+              "unreliable; run again on an idle machine")
     print(f"difference : relative L2 of latents vs eager = {rel_l2(optimized, eager):.1e}")
 
     # 4. Take it back: eager modules, original weight layout, classic attention processors.
@@ -131,4 +163,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    with quiet_third_party():  # torchao's and torch's messages about kernels this machine has no use for
+        raise SystemExit(main())

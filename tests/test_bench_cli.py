@@ -1,5 +1,7 @@
-"""``diffopt bench`` on the command line: validation names the bad value and the choices; a run writes files."""
+"""``diffopt bench`` on the command line: validation names the bad value and the choices; a run writes files.
+``diffopt env`` and ``--version``; what the commands leave out of stderr."""
 import json
+import re
 import subprocess
 import sys
 
@@ -21,8 +23,11 @@ def _error(capsys, argv):
     "argv, expected",
     [
         (["--pipelines", "sd-txt2img,sd3"], ["'sd3'", "sd-txt2img", "sdxl", "if"]),
-        (["--recipes", "sdpa,turbo"], ["'turbo'", "classic", "seed", "diffopt", "diffopt-nocompile"]),
-        (["--recipes", "seed:mode=max"], ["'seed' takes no options"]),
+        (["--recipes", "sdpa,turbo"], ["'turbo'", "classic", "diffusers-compile", "diffopt", "diffopt-nocompile"]),
+        (["--recipes", "diffusers-compile:mode=max"], ["'diffusers-compile' takes no options"]),
+        (["--recipes", "diffopt:compile=maybe"], ["compile", "'maybe'", "True, False"]),
+        (["--recipes", "diffopt:attention=fast"], ["'fast'", "sdpa", "flash"]),
+        (["--recipes", "diffopt:turbo=1"], ["'turbo'", "attention", "compile", "quantize"]),
         (["--recipes", "diffopt:compile"], ["key=value", "'compile'"]),
         (["--batch-sizes", "1,0"], ["positive integer", "'0'"]),
         (["--batch-sizes", "1,four"], ["'four'"]),
@@ -47,8 +52,10 @@ def test_good_values_parse():
     assert args.pipelines == ["sd-txt2img", "sd-img2img", "sd-inpaint", "sd-controlnet", "if", "sdxl"] + [
         "sd3-medium", "flux-dev", "flux-schnell"
     ]
-    # Without --pipelines: the seed page's six, not the (much larger) transformer pipelines.
-    assert build_parser().parse_args(["bench"]).pipelines == args.pipelines[:6]
+    # Without --pipelines: the docs page's six on CUDA, not the (much larger) transformer pipelines.
+    from diffopt.bench.runner import BenchSettings
+
+    assert BenchSettings(device="cuda").resolved().pipelines == args.pipelines[:6]
     assert args.batch_sizes == [1, 4]
     assert args.recipes == ["sdpa", "diffopt:compile=False,attention=sdpa"]
     assert recipes.resolve(args.recipes[1]).options == {"compile": False, "attention": "sdpa"}
@@ -57,14 +64,14 @@ def test_good_values_parse():
 def test_recipe_options_are_python_literals_when_they_parse():
     options = recipes.parse_options("compile=False, mode='max-autotune', attention=sdpa, n=3, sizes=(1, 2)")
     assert options == {"compile": False, "mode": "max-autotune", "attention": "sdpa", "n": 3, "sizes": (1, 2)}
-    specs = recipes.split_specs("seed,diffopt:a=1,b=(2, 3),c='x,y',diffopt-nocompile")
-    assert specs == ["seed", "diffopt:a=1,b=(2, 3),c='x,y'", "diffopt-nocompile"]
+    specs = recipes.split_specs("diffusers-compile,diffopt:a=1,b=(2, 3),c='x,y',diffopt-nocompile")
+    assert specs == ["diffusers-compile", "diffopt:a=1,b=(2, 3),c='x,y'", "diffopt-nocompile"]
 
 
 def test_presets_resolve_to_their_spec_and_compile_flag():
     recipe = recipes.resolve("diffopt-nocompile")
     assert recipe.name == "diffopt-nocompile" and recipe.options == {"compile": False} and not recipe.compiles
-    assert recipes.resolve("seed").compiles and recipes.resolve("diffopt").compiles
+    assert recipes.resolve("diffusers-compile").compiles and recipes.resolve("diffopt").compiles
     assert recipes.resolve("compile").compiles
     assert not recipes.resolve("sdpa").compiles
 
@@ -92,12 +99,20 @@ def test_classic_recipe_names_the_transformer_it_cannot_run():
         recipes.resolve("classic").apply(pipe)
 
 
-def test_seed_recipe_wraps_the_denoisers_in_torch_compile_without_compiling_yet():
+def test_seed_is_a_hidden_alias_of_diffusers_compile():
+    # Older results.json files name the docs page's recipe "seed": they still load, but help never offers it.
+    assert recipes.resolve("seed").function is recipes.diffusers_compile and recipes.resolve("seed").name == "seed"
+    assert "seed" not in recipes.choices()
+    help_text = build_parser()._subparsers._group_actions[0].choices["bench"].format_help()
+    assert "seed" not in help_text and "diffusers-compile" in help_text
+
+
+def test_diffusers_compile_recipe_wraps_the_denoisers_in_torch_compile_without_compiling_yet():
     from diffopt.bench.pipelines import build_case
 
     torch.compiler.reset()
     pipe = build_case("sd-controlnet", size="tiny").stages[0].pipe
-    recipes.resolve("seed").apply(pipe)  # torch.compile is lazy: nothing compiles until the first call
+    recipes.resolve("diffusers-compile").apply(pipe)  # torch.compile is lazy: nothing compiles until the first call
     for name in ("unet", "controlnet"):
         module = getattr(pipe, name)
         assert isinstance(module, torch._dynamo.eval_frame.OptimizedModule)
@@ -142,54 +157,37 @@ def test_main_without_a_command_prints_help(capsys):
     assert "bench" in capsys.readouterr().out
 
 
-def test_merge_combines_runs_split_across_commands(tmp_path, capsys):
-    quick = ["--steps", "1", "--warmup", "1", "--repeats", "1", "--device", "cpu"]
-    with torch.backends.mkldnn.flags(enabled=False):
-        assert main(["bench", "--pipelines", "sdxl", "--recipes", "sdpa", *quick, "--out", str(tmp_path / "a")]) == 0
-        argv = ["bench", "--pipelines", "sd-txt2img", "--batch-sizes", "2", "--recipes", "classic,sdpa", *quick]
-        assert main([*argv, "--out", str(tmp_path / "b")]) == 0
-    merged = tmp_path / "merged"
-    assert main(["bench", "--merge", str(tmp_path / "a"), str(tmp_path / "b" / "results.json"), "--out", str(merged)]) == 0
-    data = json.loads((merged / "results.json").read_text())
-    assert {(c["pipeline"], c["batch_size"], c["recipe"]) for c in data["cells"]} == {
-        ("sdxl", 1, "sdpa"),
-        ("sd-txt2img", 2, "classic"),
-        ("sd-txt2img", 2, "sdpa"),
-    }
-    assert data["settings"]["batch_sizes"] == [1, 2] and data["settings"]["recipes"] == ["sdpa", "classic"]
-    markdown = (merged / "results.md").read_text()
-    assert "batch size: 1" in markdown and "batch size: 2" in markdown and "| SD - txt2img |" in markdown
-    capsys.readouterr()
-    _error(capsys, ["--merge", str(tmp_path / "nothing-here")])
-
-
-def test_sigterm_ends_the_run_with_what_it_measured(tmp_path, monkeypatch, capsys):
-    # What `timeout` does to a run over its limit: SIGTERM, here while torch.compile compiles IF's stage II, where
-    # a time limit usually lands and where torch wraps ordinary exceptions in its own.
-    import os
-    import signal
-
-    def sigterm_while_compiling(pipe):
+def test_ctrl_c_prints_and_writes_what_it_finished_and_exits_130(tmp_path, monkeypatch, capsys):
+    # Ctrl-C while torch.compile compiles IF's stage II: stage I of that cell was measured and is kept.
+    def ctrl_c_while_compiling(pipe):
         if type(pipe).__name__ == "IFSuperResolutionPipeline":
 
             def backend(graph_module, example_inputs):
-                os.kill(os.getpid(), signal.SIGTERM)
-                return graph_module.forward
+                raise KeyboardInterrupt
 
             pipe.unet = torch.compile(pipe.unet, backend=backend)
 
-    monkeypatch.setitem(recipes.RECIPES, "sigterm", sigterm_while_compiling)
-    before = signal.getsignal(signal.SIGTERM)
+    monkeypatch.setitem(recipes.RECIPES, "ctrl-c", ctrl_c_while_compiling)
     out = tmp_path / "out"
-    status = _quick_bench(out, "if", "sigterm,sdpa")
-    assert status == 124
-    assert signal.getsignal(signal.SIGTERM) is before  # the handler lives only as long as the run
+    assert _quick_bench(out, "if,sd-txt2img", "ctrl-c,sdpa") == 130
     data = json.loads((out / "results.json").read_text())
-    (cell,) = data["cells"]
+    (cell,) = data["cells"]  # nothing after the interrupted cell
     assert cell["status"] == "interrupted" and [stage["label"] for stage in cell["stages"]] == ["I"]
-    assert data["interrupted"].startswith("interrupted (SIGTERM) in first call (stage II)")
-    assert "interrupted" in (out / "results.md").read_text()
-    assert "stopped" in capsys.readouterr().err
+    assert data["interrupted"].startswith("interrupted in first call (stage II)")
+    captured = capsys.readouterr()
+    assert "interrupted" in (out / "results.md").read_text() and "interrupted" in captured.out  # the table
+    assert "Ctrl-C" in captured.err and "Traceback" not in captured.err
+
+
+def test_ctrl_c_outside_a_cell_exits_130_without_a_traceback(tmp_path, monkeypatch, capsys):
+    from diffopt.bench import command
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(command, "run_benchmark", interrupted)
+    assert main(["bench", "--device", "cpu", "--out", str(tmp_path)]) == 130
+    assert "Ctrl-C" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
@@ -200,38 +198,119 @@ def test_stages_not_in_a_pipeline_are_named_before_anything_runs(tmp_path, capsy
     argv = ["bench", "--pipelines", pipelines, "--stages", stages, "--device", "cpu", "--out", str(tmp_path)]
     with pytest.raises(SystemExit) as exit_info:
         main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
     for text in ["--stages", *expected]:
-        assert text in str(exit_info.value)
+        assert text in err
+    assert "Traceback" not in err
     assert not list(tmp_path.iterdir())  # nothing built, nothing written
 
 
-def test_stages_with_merge_is_refused(tmp_path):
-    (tmp_path / "results.json").write_text("{}")  # --merge only checks that it exists before this refusal
+def test_cuda_device_without_cuda_is_refused_before_anything_runs(tmp_path, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: --device cuda is valid here")
     with pytest.raises(SystemExit) as exit_info:
-        main(["bench", "--merge", str(tmp_path), "--stages", "II", "--out", str(tmp_path / "out")])
-    assert "--stages" in str(exit_info.value) and "--merge" in str(exit_info.value)
+        main(["bench", "--device", "cuda", "--out", str(tmp_path)])
+    assert exit_info.value.code == 2 and "is_available() is False" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
 
 
-def test_stages_run_alone_and_merge_into_one_row(tmp_path, capsys):
-    # IF's stages each in their own run, as the seed recipe needs on the GPU (each stage compiled in a fresh
-    # process); --merge joins them into the row the whole pipeline would have had.
+def test_a_stage_runs_alone_and_its_row_says_which(tmp_path, capsys):
     quick = ["--pipelines", "if", "--recipes", "sdpa", "--steps", "1", "--warmup", "1", "--repeats", "1", "--device", "cpu"]
     with torch.backends.mkldnn.flags(enabled=False):
         assert main(["bench", *quick, "--stages", "II", "--out", str(tmp_path / "ii")]) == 0
-        assert main(["bench", *quick, "--stages", "III,I", "--out", str(tmp_path / "i-iii")]) == 0
-        assert main(["bench", *quick, "--stages", "I", "--batch-sizes", "2", "--out", str(tmp_path / "i-bs2")]) == 0
     alone = json.loads((tmp_path / "ii" / "results.json").read_text())
     assert [stage["label"] for stage in alone["cells"][0]["stages"]] == ["II"]
     assert "| IF (stage II) |" in (tmp_path / "ii" / "results.md").read_text()
-    assert main(["bench", "--merge", str(tmp_path / "ii"), str(tmp_path / "i-iii"), "--out", str(tmp_path / "all")]) == 0
-    merged = json.loads((tmp_path / "all" / "results.json").read_text())
-    (cell,) = merged["cells"]
-    assert [stage["label"] for stage in cell["stages"]] == ["I", "II", "III"]
-    (reference,) = merged["references"]
-    assert [stage["label"] for stage in reference["stages"]] == ["I", "II", "III"]
-    assert "| IF |" in (tmp_path / "all" / "results.md").read_text()
-    # Each row names the stages its batch size has: all three at batch 1, stage I alone at batch 2.
-    runs = [str(tmp_path / name) for name in ("ii", "i-iii", "i-bs2")]
-    assert main(["bench", "--merge", *runs, "--out", str(tmp_path / "rows")]) == 0
-    markdown = (tmp_path / "rows" / "results.md").read_text()
-    assert "| IF |" in markdown.split("batch size: 2")[0] and "| IF (stage I) |" in markdown.split("batch size: 2")[1]
+
+
+def _bench_help() -> str:
+    result = subprocess.run(
+        [sys.executable, "-m", "diffopt", "bench", "--help"], capture_output=True, text=True, timeout=120,
+        env={**__import__("os").environ, "COLUMNS": "400"},  # one line per option: the regexes read across
+    )
+    assert result.returncode == 0
+    return result.stdout
+
+
+@pytest.mark.parametrize(
+    "option, key", [("--pipelines", "pipelines"), ("--batch-sizes", "batch_sizes"), ("--recipes", "recipes"),
+                    ("--dtype", "dtype"), ("--size", "size"), ("--warmup", "warmup"), ("--repeats", "repeats")],
+)
+def test_help_shows_the_defaults_the_code_uses(option, key):
+    import re
+
+    from diffopt.bench.runner import BenchSettings
+
+    blocks = re.split(r"\n  (?=--)", _HELP.get())  # one block per option, its help maybe on the next line
+    (line,) = [" ".join(block.split()) for block in blocks if block.startswith(f"{option} ")]
+    found = re.search(r"default: (\S+) on CUDA, (\S+) on CPU", line)
+    assert found, f"no 'default: X on CUDA, Y on CPU' in {line!r}"
+    for shown, device in zip(found.groups(), ("cuda", "cpu")):
+        actual = getattr(BenchSettings(device=device).resolved(), key)
+        expected = ",".join(map(str, actual)) if isinstance(actual, list) else str(actual)
+        assert shown.rstrip(")") == expected, f"{option} on {device}: help says {shown}, the code uses {expected}"
+
+
+class _HELP:
+    text = None
+
+    @classmethod
+    def get(cls):
+        if cls.text is None:
+            cls.text = _bench_help()
+        return cls.text
+
+
+def test_version_and_env_commands(capsys):
+    import diffopt
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0 and capsys.readouterr().out.strip() == f"diffopt {diffopt.__version__}"
+    assert main(["env"]) == 0
+    out = capsys.readouterr().out
+    assert f"torch {torch.__version__}" in out and "diffusers " in out and "torchao " in out and "triton " in out
+    for option in ("attention=sdpa", "attention=flash", "attention=auto", "compile", "quantize=int8", "quantize=fp8",
+                   "cache=first_block"):
+        assert re.search(rf"^{re.escape(option)} +(yes|no: |picks |unknown: )", out, re.MULTILINE), option
+    if not torch.cuda.is_available():  # fp8 needs a CUDA card of compute capability 8.9: its reason must say so
+        assert re.search(r"^quantize=fp8 +no: .*compute capability", out, re.MULTILINE)
+
+
+def test_env_prints_a_failing_gate_instead_of_crashing(monkeypatch, capsys):
+    from diffopt import capabilities
+
+    def broken():
+        raise RuntimeError("gate exploded")
+
+    monkeypatch.setattr(capabilities, "compile", broken)
+    assert main(["env"]) == 0
+    assert re.search(r"^compile +unknown: RuntimeError: gate exploded$", capsys.readouterr().out, re.MULTILINE)
+
+
+NOISE = ["_C_mxfp8", "Failed to load", "is an Enum subclass", "Unable to import `torchao` Tensor objects",
+         "value range in [-1,1] is deprecated"]
+
+
+def test_env_command_prints_no_third_party_noise():
+    result = subprocess.run([sys.executable, "-m", "diffopt", "env"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and "quantize=int8" in result.stdout
+    assert not [noise for noise in NOISE if noise in result.stderr], result.stderr
+
+
+def test_bench_on_if_prints_no_third_party_noise(tmp_path):
+    # IF's stage II is where diffusers warns about the image range; the diffopt recipe imports torchao.
+    argv = ["bench", "--pipelines", "if", "--recipes", "sdpa,diffopt-nocompile", "--steps", "1", "--warmup", "1",
+            "--repeats", "1", "--device", "cpu", "--out", str(tmp_path)]
+    result = subprocess.run([sys.executable, "-m", "diffopt", *argv], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert not [noise for noise in NOISE if noise in result.stderr], result.stderr
+
+
+def test_import_diffopt_leaves_warnings_and_logging_alone():
+    # torch and numpy add filters of their own when imported: import them first, then compare.
+    code = ("import logging, warnings, torch, diffusers; before = list(warnings.filters); import diffopt, diffopt.cli; "
+            "assert warnings.filters == before; assert not logging.getLogger('torchao').filters; print('ok')")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.stdout.strip() == "ok", result.stderr

@@ -78,17 +78,17 @@ def test_every_cell_is_measured_or_records_its_failure(run):
             oom = _cell(run, pipeline, batch_size, "oom")
             assert oom.status == "oom" and oom.error.startswith("OOM after warmup")
     assert _cell(run, "if", 2, "oom").error == "OOM after warmup (stage I)"
-    # IF runs its upscalers at batch 1 whatever the batch size, like the seed.
+    # IF runs its upscalers at batch 1 whatever the batch size, like the docs page.
     assert [s.batch_size for s in _cell(run, "if", 2, "sdpa").stages] == [2, 1, 1]
 
 
 def test_tables_have_a_cell_per_pipeline_and_recipe(run, capsys):
     rows = output.table_rows(run, 2)
-    assert [row[0] for row in rows] == ["SD - txt2img", "IF"]
+    assert [row[0] for row in rows] == ["SD - txt2img", "IF (stages I / II / III)"]  # the cells' order
     sd_row, if_row = rows
     assert sd_row[3] == "recipe exploded" or "RuntimeError" in sd_row[3]
     assert sd_row[4].startswith("OOM after warmup")
-    assert len(if_row[2].split(" / ")) == 3  # I / II / III
+    assert len(if_row[2].split(" / ")) == 3
     assert float(sd_row[2]) == pytest.approx(_cell(run, "sd-txt2img", 2, "sdpa").stages[0].steps_per_s, rel=0.01)
     output.print_tables(run)
     printed = capsys.readouterr().out
@@ -121,19 +121,20 @@ def test_speedups_are_relative_to_sdpa(run):
     assert sd["classic"] == pytest.approx(sdpa.stages[0].median_s / classic.stages[0].median_s)
 
 
-def test_chart_falls_back_to_the_seed_recipe_and_is_skipped_without_any_baseline(run, tmp_path, capsys):
+@pytest.mark.parametrize("name", ["diffusers-compile", "seed"])  # "seed": its name in older results
+def test_chart_falls_back_to_the_docs_recipe_and_is_skipped_without_any_baseline(run, tmp_path, capsys, name):
     import dataclasses
 
-    # A GPU run that timed only seed vs diffopt: the sdpa cells renamed "seed" stand for it.
-    as_seed = dataclasses.replace(run, cells=[
-        dataclasses.replace(c, recipe="seed") if c.recipe == "sdpa" else c for c in run.cells])  # fmt: skip
-    ups = output.speedups(as_seed, "seed")[("sd-txt2img", 1)]
-    assert ups["seed"] == pytest.approx(1.0) and ups["classic"] == pytest.approx(output.speedups(run)[("sd-txt2img", 1)]["classic"])
+    # A run that timed only compiled recipes: the sdpa cells renamed stand for it.
+    compiled = dataclasses.replace(run, cells=[
+        dataclasses.replace(c, recipe=name) if c.recipe == "sdpa" else c for c in run.cells])  # fmt: skip
+    ups = output.speedups(compiled, name)[("sd-txt2img", 1)]
+    assert ups[name] == pytest.approx(1.0) and ups["classic"] == pytest.approx(output.speedups(run)[("sd-txt2img", 1)]["classic"])
     if importlib.util.find_spec("matplotlib"):
-        assert output.plot_speedups(as_seed, str(tmp_path / "seed.png")) is not None
+        assert output.plot_speedups(compiled, str(tmp_path / "chart.png")) is not None
     lone = run_benchmark(BenchSettings(pipelines=["sdxl"], recipes=["classic"], **QUICK))
     assert output.plot_speedups(lone, str(tmp_path / "speedup.png")) is None
-    assert "'sdpa', 'seed', 'compile'" in capsys.readouterr().err
+    assert "'sdpa', 'diffusers-compile', 'seed', 'compile'" in capsys.readouterr().err
 
 
 def test_diffopt_recipe_calls_optimize_and_keeps_its_report():
@@ -151,27 +152,19 @@ def test_bad_recipe_fails_before_anything_is_built():
         run_benchmark(BenchSettings(pipelines=["sd-txt2img"], recipes=["sdpa", "turbo"], **QUICK))
 
 
-def test_cpu_defaults_are_quick_and_eager():
-    settings = BenchSettings(device="cpu").resolved()
-    assert settings.size == "tiny" and settings.dtype == "fp32" and settings.batch_sizes == [1]
-    assert not any(recipes.resolve(spec).compiles for spec in settings.recipes)
+def test_defaults_compare_eager_the_docs_recipe_and_diffopt_on_every_device():
+    for device in ("cpu", "cuda"):
+        settings = BenchSettings(device=device).resolved()
+        assert settings.recipes == ["sdpa", "diffusers-compile", "diffopt"]
+        assert [recipes.resolve(spec).compiles for spec in settings.recipes] == [False, True, True]
+    cpu = BenchSettings(device="cpu").resolved()
+    # Quick on a CPU: one tiny pipeline, so inductor compiles two UNets, not twelve pipelines' worth.
+    assert (cpu.pipelines, cpu.size, cpu.dtype, cpu.batch_sizes) == (["sd-txt2img"], "tiny", "fp32", [1])
     cuda = BenchSettings(device="cuda").resolved()
     assert (cuda.size, cuda.dtype, cuda.batch_sizes, cuda.warmup, cuda.repeats) == ("full", "fp16", [1, 4], 3, 7)
-    assert cuda.recipes == ["sdpa", "seed", "diffopt"]
-
-
-def test_checkpoint_sees_every_cell_as_it_finishes(tmp_path):
-    seen = []
-
-    def checkpoint(partial):
-        seen.append(len(partial.cells))
-        output.write_json(partial, str(tmp_path))
-
-    settings = BenchSettings(pipelines=["sd-txt2img"], batch_sizes=[1, 2], recipes=["sdpa"], **QUICK)
-    run_benchmark(settings, checkpoint=checkpoint)
-    assert seen == [1, 2]
-    assert len(json.loads((tmp_path / "results.json").read_text())["cells"]) == 2
-    assert not (tmp_path / "results.json.tmp").exists()
+    assert len(cuda.pipelines) == 6
+    cuda.batch_sizes.append(16)  # a copy: the defaults stay as they are
+    assert BenchSettings(device="cuda").resolved().batch_sizes == [1, 4]
 
 
 def _stop_in_second_stage(stop):
@@ -186,18 +179,16 @@ def _stop_in_second_stage(stop):
 
 
 def test_an_interrupted_cell_keeps_its_finished_stages_and_ends_the_run(monkeypatch):
-    from diffopt.bench.measure import Interrupted
-
     def stop():
-        raise Interrupted("SIGTERM")
+        raise KeyboardInterrupt
 
     monkeypatch.setitem(recipes.RECIPES, "stops", _stop_in_second_stage(stop))
     settings = BenchSettings(pipelines=["if", "sd-txt2img"], batch_sizes=[1], recipes=["stops", "sdpa"], **QUICK)
     run = run_benchmark(settings)
     (cell,) = run.cells  # nothing after the interrupted cell: not sdpa, not the SD pipeline
-    assert cell.status == "interrupted" and cell.error == "interrupted (SIGTERM) in first call (stage II)"
+    assert cell.status == "interrupted" and cell.error == "interrupted in first call (stage II)"
     assert [stage.label for stage in cell.stages] == ["I"] and cell.stages[0].steps_per_s > 0
-    assert run.interrupted.startswith("interrupted (SIGTERM) in first call (stage II), batch 1 of if")
+    assert run.interrupted.startswith("interrupted in first call (stage II), batch 1 of if")
     assert "I" in output.format_cell(cell) and "interrupted" in output.format_cell(cell)
 
 
@@ -205,31 +196,12 @@ def test_an_interruption_in_the_eager_reference_ends_the_run_before_any_cell(mon
     from diffopt.bench import measure
 
     def interrupted(*args):
-        raise measure.Interrupted("SIGTERM")
+        raise KeyboardInterrupt
 
     monkeypatch.setattr(measure, "_probe_stage", interrupted)
-    seen = []
     settings = BenchSettings(pipelines=["sd-txt2img", "if"], batch_sizes=[1], recipes=["sdpa"], **QUICK)
-    run = run_benchmark(settings, checkpoint=lambda partial: seen.append(partial.interrupted))
-    assert run.cells == [] and run.interrupted == "interrupted (SIGTERM) in the eager reference of sd-txt2img"
-    assert seen == [run.interrupted]  # written to results.json at once, not only at the end
-
-
-def test_merge_keeps_a_finished_cell_over_a_later_interrupted_one():
-    from diffopt.bench.measure import CellResult
-    from diffopt.bench.runner import BenchRun, merge_runs
-
-    settings = BenchSettings(pipelines=["if"], batch_sizes=[1], recipes=["seed"], **QUICK)
-    finished = CellResult("if", 1, "seed")
-    stopped = CellResult("if", 1, "seed", status="interrupted", error="interrupted (SIGTERM) in first call (stage II)")
-    retried = CellResult("if", 1, "seed", status="error", error="RuntimeError in first call: boom")
-
-    def runs(*cells):
-        return [BenchRun(settings, {}, None, [], [cell]) for cell in cells]
-
-    assert merge_runs(runs(finished, stopped)).cells == [finished]
-    assert merge_runs(runs(stopped, finished)).cells == [finished]
-    assert merge_runs(runs(finished, retried)).cells == [retried]  # any other later measurement wins, as documented
+    run = run_benchmark(settings)
+    assert run.cells == [] and run.interrupted == "interrupted in the eager reference of sd-txt2img"
 
 
 def _stage(label, seconds):
@@ -238,73 +210,32 @@ def _stage(label, seconds):
     return StageResult(label, 1, 10, 1.0, [seconds], seconds, 10 / seconds)
 
 
-def test_merge_joins_other_stages_but_never_the_same_stage_twice():
-    from diffopt.bench.measure import CellResult
-    from diffopt.bench.runner import BenchRun, merge_runs
-
-    settings = BenchSettings(pipelines=["if"], batch_sizes=[1], recipes=["seed"], **QUICK)
-    first = CellResult("if", 1, "seed", peak_memory_bytes=5, notes=["I: a"], stages=[_stage("I", 1.0)])
-    rest = CellResult("if", 1, "seed", peak_memory_bytes=9, notes=["III: c"], stages=[_stage("III", 3.0), _stage("II", 2.0)])
-    again = CellResult("if", 1, "seed", peak_memory_bytes=1, stages=[_stage("II", 2.5)])
-    stopped = CellResult("if", 1, "seed", status="interrupted", stages=[_stage("II", 2.5)])
-
-    def merged(*cells):
-        return merge_runs([BenchRun(settings, {}, None, [], [cell]) for cell in cells]).cells
-
-    (joined,) = merged(rest, first)
-    assert [stage.label for stage in joined.stages] == ["I", "II", "III"]
-    assert joined.peak_memory_bytes == 9 and joined.notes == ["III: c", "I: a"]  # each stage ran in its own process
-    assert merged(rest, again) == [again]  # stage II twice: the later measurement wins, as for any cell
-    assert merged(first, stopped) == [first]  # an interrupted cell is never joined: the finished one stays
-
-
 def test_speedups_compare_only_cells_of_the_same_stages():
     from diffopt.bench.measure import CellResult
     from diffopt.bench.runner import BenchRun
 
-    settings = BenchSettings(pipelines=["if"], batch_sizes=[1], recipes=["seed", "diffopt", "diffopt-fp8"], **QUICK)
-    seed = CellResult("if", 1, "seed", stages=[_stage("I", 1.0), _stage("II", 2.0)])
+    settings = BenchSettings(pipelines=["if"], batch_sizes=[1], recipes=["diffusers-compile", "diffopt", "diffopt-fp8"], **QUICK)
+    compiled = CellResult("if", 1, "diffusers-compile", stages=[_stage("I", 1.0), _stage("II", 2.0)])
     diffopt = CellResult("if", 1, "diffopt", stages=[_stage("I", 0.5), _stage("II", 1.5)])
     partial = CellResult("if", 1, "diffopt-fp8", stages=[_stage("II", 1.0)])
-    speedups = output.speedups(BenchRun(settings, {}, None, [], [seed, diffopt, partial]), baseline="seed")
-    assert speedups[("if", 1)] == {"seed": 1.0, "diffopt": 1.5}  # stage II alone is no speed-up over I + II
+    speedups = output.speedups(BenchRun(settings, {}, None, [], [compiled, diffopt, partial]), baseline="diffusers-compile")
+    assert speedups[("if", 1)] == {"diffusers-compile": 1.0, "diffopt": 1.5}  # stage II alone is no speed-up over I + II
 
 
-def test_merge_resumes_an_interrupted_cell_with_the_stages_it_did_not_reach():
-    from diffopt.bench.measure import CellResult, Reference, StageReference
-    from diffopt.bench.runner import BenchRun, merge_runs
-
-    def reference(*labels, error=None):
-        return Reference("if", 1, [StageReference(label, 10, None, None, None) for label in labels], error)
-
-    full = BenchSettings(pipelines=["if"], batch_sizes=[1], recipes=["seed"], **QUICK)
-    rest = BenchSettings(pipelines=["if"], batch_sizes=[1], recipes=["seed"], stages=["II", "III"], **QUICK)
-    stopped = CellResult("if", 1, "seed", status="interrupted", error="interrupted (SIGTERM) in first call (stage II)",
-                         traceback="...", stages=[_stage("I", 1.0)])
-    resumed = CellResult("if", 1, "seed", stages=[_stage("II", 2.0), _stage("III", 3.0)])
-    only_iii = CellResult("if", 1, "seed", stages=[_stage("III", 3.0)])
-    runs = [BenchRun(full, {}, None, [reference("I", "II", "III")], [stopped]),
-            BenchRun(rest, {}, None, [reference("II", "III")], [resumed])]
-    merged = merge_runs(runs)
-    (cell,) = merged.cells
-    assert [stage.label for stage in cell.stages] == ["I", "II", "III"] and cell.ok and cell.error is None
-    assert [stage.label for stage in merged.references[0].stages] == ["I", "II", "III"]  # not cut to II, III
-    assert merged.settings.stages is None  # one run timed every stage
-    assert output.table_rows(merged, 1)[0][0] == "IF"
-    # Stage II never measured: nothing resumes, the later cell wins whole.
-    gap = merge_runs([runs[0], BenchRun(rest, {}, None, [], [only_iii])])
-    assert [stage.label for stage in gap.cells[0].stages] == ["III"]
 
 
-def test_a_failed_reference_neither_replaces_a_good_one_nor_labels_the_row():
-    from diffopt.bench.measure import CellResult, Reference, StageReference
-    from diffopt.bench.runner import BenchRun, merge_runs
+def test_chart_legend_sits_below_the_bars(run):
+    matplotlib = pytest.importorskip("matplotlib")
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
 
-    settings = BenchSettings(pipelines=["if"], batch_sizes=[1], recipes=["seed"], **QUICK)
-    good = Reference("if", 1, [StageReference(label, 10, None, None, None) for label in ("I", "II", "III")])
-    failed = Reference("if", 1, [StageReference("I", 10, None, None, None)], error="OutOfMemoryError in reference call")
-    cell = CellResult("if", 1, "seed", stages=[_stage("I", 1.0), _stage("II", 2.0), _stage("III", 3.0)])
-    merged = merge_runs([BenchRun(settings, {}, None, [good], [cell]), BenchRun(settings, {}, None, [failed], [])])
-    assert merged.references == [good]
-    alone = BenchRun(settings, {}, None, [failed], [cell])  # the reference ran out of memory after stage I
-    assert output.table_rows(alone, 1)[0][0] == "IF"
+    figure = output.speedup_figure(run, "sdpa", output.speedups(run), plt)
+    try:
+        renderer = figure.canvas.get_renderer()
+        (legend,) = figure.legends
+        assert not any(axis.get_legend() for axis in figure.axes)  # no legend inside a panel
+        top = legend.get_window_extent(renderer).y1
+        assert all(top <= axis.get_tightbbox(renderer).y0 + 1 for axis in figure.axes)  # below tick labels too
+        assert [text.get_text() for text in legend.get_texts()] == ["classic", "sdpa", "broken", "oom"]
+    finally:
+        plt.close(figure)

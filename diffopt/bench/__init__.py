@@ -1,5 +1,5 @@
-"""``diffopt bench``: the seed page's PyTorch 2.0 benchmark, run on random-weight pipelines of the public
-architectures, comparing eager diffusers, the seed's torch.compile recipe and ``diffopt.optimize``.
+"""``diffopt bench``: the benchmark of the diffusers 'PyTorch 2.0' docs page, run on random-weight pipelines of
+the public architectures, comparing eager diffusers, that page's torch.compile recipe and ``diffopt.optimize``.
 
 Modules, in the order they run: ``configs`` (architectures) -> ``pipelines`` (build and call) -> ``recipes``
 (what is applied) -> ``measure`` / ``runner`` (timing) -> ``output`` (tables, JSON, chart); ``command`` is the
@@ -7,5 +7,5 @@ CLI. Nothing heavy is imported here, so ``import diffopt.bench`` stays cheap. Se
 
 Example::
 
-    $ python -m diffopt.bench --pipelines sd-txt2img --recipes sdpa,seed --batch-sizes 1
+    $ python -m diffopt.bench --pipelines sd-txt2img --recipes sdpa,diffusers-compile --batch-sizes 1
 """

@@ -8,16 +8,14 @@ Every list option is checked before anything is built, and a bad value is named 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
-import signal
 import sys
-import threading
 from typing import Callable
 
-from diffopt.bench.pipelines import PIPELINES, SEED_PIPELINES, STAGES, check_stages
+from diffopt.bench.pipelines import PIPELINES, STAGES, TINY_STEPS, check_stages
 from diffopt.bench.recipes import resolve, split_specs
-from diffopt.bench.runner import DEFAULT_RECIPES, DTYPES, BenchSettings, load_run, merge_runs, run_benchmark
+from diffopt.bench.runner import DEFAULTS, DTYPES, BenchSettings, run_benchmark
+from diffopt.cli import INTERRUPTED_STATUS
 
 DEFAULT_OUT = "bench-out"
 
@@ -76,50 +74,48 @@ def _directory(text: str) -> str:
     return text
 
 
-def _results(text: str) -> str:
-    path = os.path.join(text, "results.json") if os.path.isdir(text) else text
-    if not os.path.isfile(path):
-        raise argparse.ArgumentTypeError(f"no results.json at {text!r}")
-    return path
-
-
 _STAGE_CHOICES = "; ".join(f"{name}: {','.join(labels)}" for name, labels in STAGES.items())
 
 
+def _default(key: str) -> str:
+    """``"default: 1,4 on CUDA, 1 on CPU"``, from :data:`DEFAULTS`, so that --help never drifts from the code."""
+
+    def shown(value):
+        return ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+
+    cuda, cpu = shown(DEFAULTS["cuda"][key]), shown(DEFAULTS["cpu"][key])
+    return f"default: {cuda} on CUDA, {cpu} on CPU"
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:  # fmt: skip
-    parser.add_argument("--pipelines", type=_pipelines, default=list(SEED_PIPELINES),
-                        help=f"comma-separated, or 'all': {','.join(PIPELINES)} "
-                             f"(default: the seed page's {','.join(SEED_PIPELINES)})")
+    parser.add_argument("--pipelines", type=_pipelines, default=None,
+                        help=f"comma-separated, or 'all': {','.join(PIPELINES)} ({_default('pipelines')})")
     parser.add_argument("--batch-sizes", type=_comma_list(_positive_int), default=None,
-                        help="comma-separated (default: 1,4 on CUDA, 1 on CPU)")
+                        help=f"comma-separated ({_default('batch_sizes')})")
     parser.add_argument("--recipes", type=_recipes, default=None,
-                        help="comma-separated recipe specs: classic, sdpa, seed, compile, diffopt, "
-                             "diffopt:key=value,... "
-                             f"or a preset (default: {','.join(DEFAULT_RECIPES['cuda'])} on CUDA, "
-                             f"{','.join(DEFAULT_RECIPES['cpu'])} on CPU)")
+                        help="comma-separated recipe specs: classic, sdpa, diffusers-compile (the docs page's "
+                             "torch.compile recipe), compile, diffopt, diffopt:key=value,... "
+                             f"or a preset ({_default('recipes')})")
     parser.add_argument("--steps", type=_positive_int, default=None,
                         help="denoising steps of every stage (default: SD 50, SDXL 30, IF 100/50/75, SD3 and "
-                             "Flux dev 28, Flux schnell 4; tiny: 3)")
+                             f"Flux dev 28, Flux schnell 4; tiny: {TINY_STEPS})")
     parser.add_argument("--height", type=_positive_int, default=None, help="image height (IF: of stage I)")
     parser.add_argument("--width", type=_positive_int, default=None, help="image width (default: --height)")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: fp16 on CUDA, fp32 on CPU")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help=_default("dtype"))
     parser.add_argument("--device", type=_device, default=None, help="default: cuda if available, else cpu")
     parser.add_argument("--size", choices=["full", "tiny"], default=None,
-                        help="model configs: public sizes, or tiny ones for CPU and CI (default: full on CUDA)")
+                        help=f"model configs: public sizes, or tiny ones for CPU and CI ({_default('size')})")
     parser.add_argument("--weights", type=_directory, default=None,
                         help="load pipelines with from_pretrained from DIR (or DIR/<pipeline>/) instead of "
                              "building random weights")
     parser.add_argument("--warmup", type=_positive_int, default=None,
                         help="warm calls per stage, the first of which is reported as 'first call' "
-                             "(default: 3 on CUDA)")
+                             f"({_default('warmup')})")
     parser.add_argument("--repeats", type=_positive_int, default=None,
-                        help="timed calls per stage; steps/s uses their median (default: 3 on CUDA)")
+                        help=f"timed calls per stage; steps/s uses their median ({_default('repeats')})")
     parser.add_argument("--stages", type=_comma_list(str), default=None,
-                        help=f"only these stages of a multi-stage pipeline ({_STAGE_CHOICES}; default: all); "
-                             "--merge joins runs of other stages into one row")
+                        help=f"time only these stages of a multi-stage pipeline ({_STAGE_CHOICES}; default: all)")
     parser.add_argument("--out", default=DEFAULT_OUT, help=f"output directory (default: {DEFAULT_OUT})")
-    parser.add_argument("--merge", nargs="+", type=_results, metavar="DIR",
-                        help="run nothing: merge the results.json of earlier runs (DIR or file) into --out")
 
 
 def settings_from(args: argparse.Namespace) -> BenchSettings:
@@ -140,68 +136,36 @@ def settings_from(args: argparse.Namespace) -> BenchSettings:
     )
 
 
-#: The exit status of a run stopped by SIGTERM, as `timeout` reports one it stopped.
-INTERRUPTED_STATUS = 124
+def check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """What argparse cannot check option by option: a CUDA device that is not there, and --stages against the
+    pipelines (the default ones depend on the device). Exits with status 2 and the reason, before anything is
+    built."""
+    import torch
+
+    if args.device and args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error("argument --device: cuda, but torch.cuda.is_available() is False on this machine")
+    try:
+        check_stages(settings_from(args).resolved().pipelines, args.stages)
+    except ValueError as error:
+        parser.error(f"argument --stages: {error}")
 
 
 def run(args: argparse.Namespace, argv: list[str]) -> int:
-    """Run the benchmark, print the tables, write the files. Exit status 1 if no cell succeeded, 124 if SIGTERM
-    stopped the run (its finished cells and stages are written all the same)."""
-    import torch
+    """Run the benchmark, print the tables, write the files. Exit status 1 if no cell succeeded; 130 if Ctrl-C
+    stopped the run (the cells it finished are printed and written all the same)."""
+    from diffopt.bench.output import RichProgress
 
-    from diffopt.bench.output import RichProgress, write_json
-
-    if args.merge and args.stages:
-        raise SystemExit("diffopt bench: error: --stages picks what a run times; --merge runs nothing (leave one out)")
-    if args.merge:
-        result = merge_runs([load_run(path) for path in args.merge])
-        return _report(result, args.out)
-    settings = settings_from(args)
-    if settings.device and settings.device.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit("diffopt bench: error: --device cuda, but torch.cuda.is_available() is False")
-    try:
-        check_stages(settings.pipelines, settings.stages)
-    except ValueError as error:
-        raise SystemExit(f"diffopt bench: error: --stages: {error}") from None
     progress = RichProgress()
     try:
-        # results.json after every cell: a run cut by a time limit keeps what it measured (see --merge).
-        save = lambda partial: write_json(partial, args.out)  # noqa: E731
-        with _sigterm_interrupts():
-            result = run_benchmark(settings, progress=progress, argv=argv, checkpoint=save)
+        result = run_benchmark(settings_from(args), progress=progress, argv=argv)
     finally:
         progress.stop()
     status = _report(result, args.out)
     if result.interrupted:
-        print(f"diffopt bench: stopped: {result.interrupted}; the results above are what it finished", file=sys.stderr)
+        print(f"diffopt bench: stopped by Ctrl-C ({result.interrupted}); the results above are the cells it "
+              "finished", file=sys.stderr)
         return INTERRUPTED_STATUS
     return status
-
-
-@contextlib.contextmanager
-def _sigterm_interrupts():
-    """While the run lasts, SIGTERM (what `timeout` and job schedulers send) raises Interrupted, once: the run
-    records the stages the current cell finished, ends, and writes its tables and files. A second SIGTERM while
-    that happens is ignored rather than lose the cell. Signal handlers belong to the main thread, so a run started
-    from another thread keeps the default (the process ends, the cells written so far stay in results.json)."""
-    from diffopt.bench.measure import Interrupted
-
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    raised = []
-
-    def interrupt(signum, frame):
-        if not raised:
-            raised.append(signum)
-            raise Interrupted(signal.Signals(signum).name)
-
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    try:
-        yield
-    finally:
-        # None: a handler installed outside Python, which cannot be put back; the default is the next best.
-        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
 def _report(result, out_dir: str) -> int:

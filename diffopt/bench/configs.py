@@ -100,7 +100,7 @@ TINY_SD15_CONTROLNET = dict(
 SD15_VAE = _vae([128, 256, 512, 512], sample_size=512, scaling_factor=0.18215)
 TINY_SD15_VAE = _vae([32, 64], sample_size=64, scaling_factor=0.18215)
 
-# --- SDXL base (same keyword arguments as /work/shared/anchors/bench_anchor.py). -------------------------
+# --- SDXL base (stabilityai/stable-diffusion-xl-base-1.0 unet/config.json). -------------------------------
 SDXL_UNET = dict(
     sample_size=128,
     down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
@@ -199,7 +199,7 @@ TINY_IF_II_UNET = dict(
     time_embedding_dim=32,
 )
 
-# --- Stable Diffusion x4 upscaler (stage III of the seed's IF benchmark). ---------------------------------
+# --- Stable Diffusion x4 upscaler (stage III of the docs page's IF benchmark). ----------------------------
 X4_UNET = dict(
     sample_size=128,
     in_channels=7,  # 4 latent channels + the 3-channel low-resolution image

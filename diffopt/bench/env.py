@@ -69,7 +69,7 @@ def matmul_peak_flops(
     """FLOP/s of a large square matmul in ``dtype``: the practical peak MFU is measured against (CUDA only).
 
     Measured rather than taken from a datasheet: clocks, power limits and the card's variant (H100 SXM vs
-    PCIe) move it by tens of percent. The anchor's H200 gave 761 TFLOP/s in fp16.
+    PCIe) move it by tens of percent. An H200 gives about 760 TFLOP/s in fp16.
     """
     if device.type != "cuda":
         return None
@@ -93,7 +93,7 @@ def _version(package: str) -> Optional[str]:
         return importlib.metadata.version(package)
     except importlib.metadata.PackageNotFoundError:
         pass
-    # Run from a source tree (PYTHONPATH=$PWD, as on the GPU host): no installed metadata, ask the module.
+    # Run from a source tree (PYTHONPATH=$PWD): no installed metadata, ask the module.
     try:
         return getattr(__import__(package), "__version__", None)
     except Exception:  # a broken or half-written package must not stop the benchmark

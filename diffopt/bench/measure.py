@@ -1,6 +1,6 @@
 """Timing of one benchmark cell (pipeline x batch size x recipe), and the eager reference it is compared with.
 
-Method, the same as /work/shared/anchors/bench_anchor.py so that numbers compare:
+Method, the same for every cell so that numbers compare:
 
 * a fresh pipeline per cell, the previous one freed (gc, ``torch.cuda.empty_cache``, ``torch.compiler.reset``);
 * ``warmup`` calls (the first one timed on its own: it includes compilation), then ``repeats`` timed calls;
@@ -29,14 +29,6 @@ from diffopt.bench.env import OutOfMemoryError, free_memory, peak_memory_bytes, 
 from diffopt.bench.image_quality import pixels, psnr, ssim
 from diffopt.bench.pipelines import BenchCase, Stage, build_case
 from diffopt.bench.recipes import Recipe
-
-
-class Interrupted(BaseException):
-    """The run was told to stop (the CLI raises this from its SIGTERM handler, which ``timeout`` triggers). The
-    cell it lands in keeps the stages it finished, with status ``"interrupted"``, and the run ends there.
-
-    A BaseException, like KeyboardInterrupt, so that the ``except Exception`` of a failing cell or reference, and
-    torch.compile's wrapping of errors raised while it compiles (BackendCompilerFailed), let it through."""
 
 
 @dataclass
@@ -245,7 +237,8 @@ def measure_cell(
             stage_reference = references[index] if index < len(references) else None
             cell.stages.append(_measure_stage(stage, batch_size, settings, stage_reference, phase))
         cell.peak_memory_bytes = peak_memory_bytes(device)
-    except (Exception, Interrupted) as error:  # noqa: BLE001 - a failing cell (OOM included) must not end the run
+    # A failing cell (OOM included) must not end the run; Ctrl-C ends it, but keeps the stages this cell finished.
+    except (Exception, KeyboardInterrupt) as error:  # noqa: BLE001
         cell.status = _status(error)
         cell.error = _describe(error, phase.name)
         cell.traceback = traceback.format_exc()
@@ -292,11 +285,11 @@ def _measure_stage(stage, batch_size, settings: CellSettings, reference: Optiona
 def _status(error: BaseException) -> str:
     if isinstance(error, OutOfMemoryError):
         return "oom"
-    return "interrupted" if isinstance(error, Interrupted) else "error"
+    return "interrupted" if isinstance(error, KeyboardInterrupt) else "error"
 
 
 def _oom_phase(phase: str) -> str:
-    # The seed page's words: "OOM after warmup" is an OOM in the timed calls.
+    # The docs page's words: "OOM after warmup" is an OOM in the timed calls.
     if phase.startswith("timed calls"):
         return "after warmup" + phase[len("timed calls") :]
     return f"in {phase}"
@@ -305,8 +298,8 @@ def _oom_phase(phase: str) -> str:
 def _describe(error: BaseException, phase: str) -> str:
     if isinstance(error, OutOfMemoryError):
         return "OOM " + _oom_phase(phase)
-    if isinstance(error, Interrupted):
-        return f"interrupted ({error}) in {phase}"
+    if isinstance(error, KeyboardInterrupt):
+        return f"interrupted in {phase}"
     first_line = (str(error).strip().splitlines() or [""])[0]
     return f"{type(error).__name__} in {phase}: {first_line[:300]}"
 

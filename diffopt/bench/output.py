@@ -1,7 +1,7 @@
 """What a benchmark run writes: console tables, results.md, results.json, speedup.png, and the progress bar.
 
-The tables look like the seed page's: one per batch size, a row per pipeline, a column per recipe, steps/s
-in the cells ("I / II / III" for IF's three stages) or what went wrong ("OOM after warmup"). rich and
+The tables look like those of the diffusers 'PyTorch 2.0' docs page: one per batch size, a row per pipeline, a column per recipe, steps/s
+in the cells (one per stage for IF, whose row label names the stages) or what went wrong ("OOM after warmup"). rich and
 matplotlib are optional (``pip install diffopt[bench]``): without rich the tables print as markdown, without
 matplotlib the chart is skipped with a message.
 
@@ -23,7 +23,8 @@ from diffopt.bench.runner import BenchRun
 
 
 def format_cell(cell: Optional[CellResult]) -> str:
-    """steps/s of each stage ("I / II / III" for IF), or the failure as the seed page wrote it."""
+    """steps/s of each stage, in the order the row label names them ("59.97 / 15.30 / 27.57" for IF), or the failure
+    as the docs page writes it."""
     if cell is None:
         return "-"
     measured = " / ".join(f"{stage.steps_per_s:.2f}" for stage in cell.stages)
@@ -43,9 +44,9 @@ def _denoise_seconds(cell: Optional[CellResult], labels: Optional[list[str]] = N
     return sum(stage.median_s for stage in cell.stages)
 
 
-#: What the chart compares with, in order of preference: eager SDPA, else the seed page's recipe (runs that time
-#: only seed vs diffopt, to spend a GPU session on compiled cells), else plain torch.compile.
-CHART_BASELINES = (REFERENCE, "seed", "compile")
+#: What the chart compares with, in order of preference: eager SDPA, else the docs page's compile recipe (a run
+#: that times only compiled recipes), else plain torch.compile. "seed" is that recipe's name in older results.
+CHART_BASELINES = (REFERENCE, "diffusers-compile", "seed", "compile")
 
 
 def speedups(run: BenchRun, baseline: str = REFERENCE) -> dict[tuple[str, int], dict[str, float]]:
@@ -91,15 +92,16 @@ def table_rows(run: BenchRun, batch_size: int) -> list[list[str]]:
 
 
 def _row_label(run: BenchRun, pipeline: str, batch_size: int) -> str:
-    """The seed page's row label, with the stages when a run timed only some of them: "IF (stage II)". The eager
-    reference ran the stages picked for this row (merged runs may differ by batch size), else the settings say."""
+    """The docs page's row label; a multi-stage pipeline's also names its stages in the order of the numbers in its
+    cells: "IF (stages I / II / III)", "IF (stage II)". The stages are those the eager reference ran for this row
+    (merged runs may differ by batch size), else those the settings picked."""
     label, every = LABELS.get(pipeline, pipeline), STAGES.get(pipeline, ())
+    if not every:
+        return label
     timed = [stage.label for ref in run.references
              if (ref.pipeline, ref.batch_size) == (pipeline, batch_size) and not ref.error for stage in ref.stages]
     picked = [stage for stage in every if stage in (timed or run.settings.stages or every)]
-    if picked != list(every):
-        label += f" (stage{'s' if len(picked) > 1 else ''} {', '.join(picked)})"
-    return label
+    return f"{label} (stage{'s' if len(picked) > 1 else ''} {' / '.join(picked)})"
 
 
 def has_quality(run: BenchRun) -> bool:
@@ -266,7 +268,7 @@ def write_outputs(run: BenchRun, out_dir: str) -> dict[str, Optional[str]]:
 
 def plot_speedups(run: BenchRun, path: str) -> Optional[str]:
     """Bar chart of the speed-up over eager ``sdpa`` (else the first of :data:`CHART_BASELINES` the run has) per
-    pipeline, one panel per batch size, like the seed page's figures. Returns None, with a message on stderr,
+    pipeline, one panel per batch size, like the docs page's figures. Returns None, with a message on stderr,
     when matplotlib or every baseline is missing."""
     baseline, data = next(((b, d) for b in CHART_BASELINES if (d := speedups(run, b))), (None, {}))
     if not data:
@@ -276,11 +278,20 @@ def plot_speedups(run: BenchRun, path: str) -> Optional[str]:
     try:
         import matplotlib
 
-        matplotlib.use("Agg")  # no display on a GPU host; select before pyplot is imported
+        matplotlib.use("Agg")  # no display on a server; select before pyplot is imported
         import matplotlib.pyplot as plt
     except ImportError:
         print("speedup.png skipped: matplotlib is not installed (pip install diffopt[bench])", file=sys.stderr)
         return None
+    figure = speedup_figure(run, baseline, data, plt)
+    figure.savefig(path, dpi=120, bbox_inches="tight")  # "tight": the saved image grows to hold the legend
+    plt.close(figure)
+    return path
+
+
+def speedup_figure(run: BenchRun, baseline: str, data: dict, plt):
+    """The chart :func:`plot_speedups` saves: bars per pipeline and recipe, a panel per batch size, and one
+    legend below the panels."""
     recipes, batch_sizes = _recipes(run), run.settings.batch_sizes
     figure, axes = plt.subplots(1, len(batch_sizes), figsize=(6 * len(batch_sizes), 4.5), squeeze=False)
     width = 0.8 / max(len(recipes), 1)
@@ -295,12 +306,12 @@ def plot_speedups(run: BenchRun, path: str) -> Optional[str]:
         axis.set_xticklabels([_row_label(run, p, batch_size) for p in pipelines], rotation=30, ha="right")
         axis.set_title(f"batch size {batch_size}")
         axis.set_ylabel(f"speed-up over {'eager ' if baseline == REFERENCE else ''}{baseline}")
-    axes[0][0].legend()
     figure.suptitle(run.environment.get("gpu") or run.environment.get("device", ""))
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
-    return path
+    # One legend for every panel, below them: inside an axis it would cover the bars of some pipeline.
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    figure.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=min(len(recipes), 4))
+    return figure
 
 
 class RichProgress:

@@ -1,7 +1,7 @@
 """The benchmark pipelines: built with random weights from :mod:`diffopt.bench.configs`, or loaded from disk.
 
 Every pipeline is a :class:`BenchCase` of one or more :class:`Stage` s. SD and SDXL have one stage; "if" has
-three, like the seed page's DeepFloyd IF benchmark: IF-I-M (64 px), IF-II-M (64 -> 256 px) and the SD x4
+three, like the docs page's DeepFloyd IF benchmark: IF-I-M (64 px), IF-II-M (64 -> 256 px) and the SD x4
 upscaler (256 -> 1024 px). A stage holds its pipeline and ``call(batch_size, output_type)``, which runs one
 generation from fixed inputs: random prompt embeddings (no text encoder is built), random input images where
 the pipeline needs one, and a generator seeded with 0, so two calls give the same output.
@@ -25,14 +25,14 @@ import torch
 
 from diffopt.bench.configs import build_model
 
-# The seed page's six, run by default; "all" adds the transformer pipelines.
-SEED_PIPELINES = ("sd-txt2img", "sd-img2img", "sd-inpaint", "sd-controlnet", "if", "sdxl")
+# The docs page's six, run by default; "all" adds the transformer pipelines.
+DOCS_PIPELINES = ("sd-txt2img", "sd-img2img", "sd-inpaint", "sd-controlnet", "if", "sdxl")
 TRANSFORMER_PIPELINES = ("sd3-medium", "flux-dev", "flux-schnell")
-PIPELINES = SEED_PIPELINES + TRANSFORMER_PIPELINES
+PIPELINES = DOCS_PIPELINES + TRANSFORMER_PIPELINES
 #: The stages of the pipelines that chain several, in order; ``--stages`` picks among them.
 STAGES = {"if": ("I", "II", "III")}
 
-# Row labels of the seed page's tables.
+# Row labels of the docs page's tables.
 LABELS = {
     "sd-txt2img": "SD - txt2img",
     "sd-img2img": "SD - img2img",
@@ -45,7 +45,7 @@ LABELS = {
     "flux-schnell": "Flux.1 schnell - txt2img",
 }
 
-# Steps per stage: the anchor's DDIM 50 for SD1.5 and Euler 30 for SDXL, each IF pipeline's own default, and
+# Steps per stage: DDIM 50 for SD1.5 and Euler 30 for SDXL, each IF pipeline's own default, and
 # the model cards' 28 for SD3 Medium and Flux dev, 4 for the timestep-distilled Flux schnell.
 FULL_STEPS = {
     "sd": 50, "sdxl": 30, "if-i": 100, "if-ii": 50, "x4": 75, "sd3-medium": 28, "flux-dev": 28, "flux-schnell": 4
@@ -61,9 +61,9 @@ PROMPT_TOKENS = 77  # CLIP's and IF's T5 context length
 # 512 tokens for dev and 256 for schnell (their pipelines' defaults and the model cards).
 T5_TOKENS = {"sd3-medium": PROMPT_TOKENS + 256, "flux-dev": 512, "flux-schnell": 256}
 
-IMG2IMG_STRENGTH = 0.8  # StableDiffusionImg2ImgPipeline's default, which the seed used
+IMG2IMG_STRENGTH = 0.8  # StableDiffusionImg2ImgPipeline's default, which the docs page uses
 
-# Noise added to the x4 upscaler's low-resolution input, as in the seed's ``pipe_3(..., noise_level=100)``.
+# Noise added to the x4 upscaler's low-resolution input, as in the docs page's ``pipe_3(..., noise_level=100)``.
 X4_NOISE_LEVEL = 100
 
 
@@ -73,7 +73,7 @@ class Stage:
 
     ``call(batch_size, output_type)`` returns ``.images`` of the pipeline output. ``timed_output`` is the
     output type of the timed calls: "latent" where the pipeline has a VAE, "pt" where it has none (IF I/II).
-    ``batch_size`` is forced to 1 where ``single_batch`` is set: the seed ran IF's upscalers at batch 1.
+    ``batch_size`` is forced to 1 where ``single_batch`` is set: the docs page runs IF's upscalers at batch 1.
     """
 
     label: str
@@ -231,7 +231,7 @@ _NO_TEXT = dict(text_encoder=None, tokenizer=None, safety_checker=None, feature_
 def _sd_scheduler():
     from diffusers import DDIMScheduler
 
-    # SD1.5's scheduler_config.json; DDIMScheduler() alone (as in the anchor) costs the same but warns.
+    # SD1.5's scheduler_config.json; DDIMScheduler() alone costs the same but warns.
     return DDIMScheduler(
         beta_start=0.00085,
         beta_end=0.012,
@@ -307,7 +307,7 @@ def _sd_img2img(setup, height, width, weights):
     from diffusers import StableDiffusionImg2ImgPipeline
 
     pipe = _sd_pipe(StableDiffusionImg2ImgPipeline, setup, weights)
-    # The seed's default strength 0.8 runs 80% of the steps; measure.py counts the steps really run.
+    # The default strength 0.8 runs 80% of the steps; measure.py counts the steps really run.
     return [_sd_stage(pipe, setup, height, width, strength=IMG2IMG_STRENGTH, image=_random_image(height, width))]
 
 
@@ -325,7 +325,7 @@ def _sd_controlnet(setup, height, width, weights):
     from diffusers import StableDiffusionControlNetPipeline
 
     pipe = _sd_pipe(StableDiffusionControlNetPipeline, setup, weights, controlnet="sd15-controlnet")
-    # ``image`` is the conditioning image here (an edge map in the seed's example).
+    # ``image`` is the conditioning image here (an edge map in the docs page's example).
     return [_sd_stage(pipe, setup, height, width, image=_random_image(height, width))]
 
 

@@ -8,8 +8,9 @@ optional options, ``name:key=value,key=value``; values are read as Python litera
 =====================  ==========================================================================================
 ``classic``            eager, the pre-PyTorch-2 attention processors (``set_default_attn_processor``)
 ``sdpa``               eager, diffusers' default (scaled_dot_product_attention): the reference of every comparison
-``seed``               the seed page's recipe: channels_last + ``torch.compile(mode="reduce-overhead",
-                       fullgraph=True)`` on the UNet and the ControlNet (default mode off CUDA: no CUDA graphs)
+``diffusers-compile``  the recipe of the diffusers 'PyTorch 2.0' docs page: channels_last +
+                       ``torch.compile(mode="reduce-overhead", fullgraph=True)`` on the UNet and the ControlNet
+                       (default mode off CUDA: no CUDA graphs)
 ``compile``            plain ``torch.compile`` of the denoiser (``pipe.transformer`` or ``pipe.unet``), default
                        arguments: what most users write, for diffopt to be measured against in the same run
 ``diffopt``            ``diffopt.optimize(pipe, **options)``
@@ -56,9 +57,9 @@ def sdpa(pipe) -> None:
     """Eager, as diffusers builds it: SDPA attention processors. Changes nothing."""
 
 
-def seed(pipe) -> None:
-    """The seed page's recipe: SDPA (default) + channels_last + torch.compile(fullgraph=True) per denoiser."""
-    # CUDA graphs ("reduce-overhead") exist only on CUDA; elsewhere the seed recipe falls back to the default mode.
+def diffusers_compile(pipe) -> None:
+    """The docs page's recipe: SDPA (default) + channels_last + torch.compile(fullgraph=True) per denoiser."""
+    # CUDA graphs ("reduce-overhead") exist only on CUDA; elsewhere the recipe falls back to the default mode.
     mode = "reduce-overhead" if pipe.device.type == "cuda" else "default"
     for name in DENOISERS:
         module = getattr(pipe, name, None)
@@ -88,7 +89,7 @@ def diffopt(pipe, **options) -> Optional[str]:
 RECIPES: dict[str, Callable[..., Optional[str]]] = {
     "classic": classic,
     "sdpa": sdpa,
-    "seed": seed,
+    "diffusers-compile": diffusers_compile,
     "compile": plain_compile,
     "diffopt": diffopt,
 }
@@ -113,6 +114,9 @@ CACHE_SETTINGS = {
     "cache_threshold": ("threshold", "FirstBlockCache"),
 }
 
+#: Names accepted but never listed: "seed" is the diffusers-compile recipe's name in older results.json files.
+ALIASES: dict[str, str] = {"seed": "diffusers-compile"}
+
 REFERENCE = "sdpa"  # eager diffusers default: speed-ups and output differences are measured against it
 
 
@@ -127,7 +131,7 @@ class Recipe:
     @property
     def compiles(self) -> bool:
         """Whether the recipe calls torch.compile (the first call then includes compilation)."""
-        if self.function in (seed, plain_compile):
+        if self.function in (diffusers_compile, plain_compile):
             return True
         return self.function is diffopt and self.options.get("compile", True) is not False
 
@@ -150,13 +154,14 @@ def choices() -> list[str]:
 
 
 def resolve(spec: str) -> Recipe:
-    """Turn a spec such as ``"seed"``, ``"diffopt-nocompile"`` or ``"diffopt:compile=False"`` into a Recipe.
+    """Turn a spec such as ``"diffusers-compile"``, ``"diffopt-nocompile"`` or ``"diffopt:compile=False"`` into a Recipe.
 
     Raises ``ValueError`` naming the bad value and the choices.
     """
     name = spec.strip()
     expanded = PRESETS.get(name, name)
     base, _, option_text = expanded.partition(":")
+    base = ALIASES.get(base, base)
     if base not in RECIPES:
         raise ValueError(f"unknown recipe {base!r}; choose from: {', '.join(choices())}")
     options = parse_options(option_text)
@@ -164,7 +169,23 @@ def resolve(spec: str) -> Recipe:
         raise ValueError(f"recipe {base!r} takes no options, got {option_text!r}")
     if base == "diffopt":
         options = cache_options(options)
+        check_optimize_options(options)
     return Recipe(name, RECIPES[base], options)
+
+
+def check_optimize_options(options: dict[str, Any]) -> None:
+    """Raise ``ValueError`` / ``TypeError`` naming a bad ``diffopt:`` option or value, as ``optimize`` would, so that
+    ``diffopt:compile=maybe`` fails before any pipeline is built rather than in every cell."""
+    import dataclasses
+
+    from diffopt import OptimizeConfig
+
+    known = [f.name for f in dataclasses.fields(OptimizeConfig) if f.init and not f.name.startswith("_")]
+    known = [name for name in known if name != "explicit"]
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        raise ValueError(f"unknown diffopt option(s) {unknown}; choose from: {', '.join(known)}")
+    OptimizeConfig(**options)
 
 
 def cache_options(options: dict[str, Any]) -> dict[str, Any]:
@@ -243,8 +264,8 @@ def split_specs(text: str) -> list[str]:
     before it; commas inside brackets or quotes do not split.
 
     Example:
-        >>> split_specs("sdpa,diffopt:compile=False,attention=sdpa,seed")
-        ['sdpa', 'diffopt:compile=False,attention=sdpa', 'seed']
+        >>> split_specs("sdpa,diffopt:compile=False,attention=sdpa,diffusers-compile")
+        ['sdpa', 'diffopt:compile=False,attention=sdpa', 'diffusers-compile']
     """
     specs: list[str] = []
     for item in split_top_level(text):

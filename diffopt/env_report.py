@@ -1,0 +1,75 @@
+"""``diffopt env``: what this machine and its packages support, one line per ``diffopt.optimize`` option.
+
+Every line comes from the gate ``optimize`` itself consults (:mod:`diffopt.capabilities`), for the device
+``optimize`` would most likely see (the GPU if there is one, else the CPU) in its usual dtype. A gate that
+fails is printed with its error instead of ending the report.
+
+Example::
+
+    $ diffopt env
+    diffopt 0.1.0, torch 2.13.0+cpu, diffusers 0.42.1, torchao 0.17.0, triton not installed
+    device: cpu (float32)
+    attention=sdpa          yes
+    attention=flash         yes
+    attention=cudnn         no: cudnn attention needs a CUDA device (found cpu float32)
+    ...
+"""
+from __future__ import annotations
+
+import importlib.metadata
+from typing import Callable
+
+ATTENTION = ("sdpa", "default", "flash", "cudnn", "efficient", "math", "flex", "sage", "xformers")
+QUANTIZE = ("int8", "int8-weight-only", "fp8")
+PACKAGES = ("torch", "diffusers", "torchao", "triton")
+
+
+def version(package: str) -> str:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def verdict(gate: Callable[[], object]) -> str:
+    """``"yes"``, ``"no: <reason>"``, or ``"unknown: <error>"`` when the gate itself raised."""
+    try:
+        found = gate()
+    except Exception as error:  # noqa: BLE001 - one broken gate must not hide the others' answers
+        return f"unknown: {type(error).__name__}: {error}"
+    return "yes" if found.ok else f"no: {found.reason}"
+
+
+def rows(device, dtype) -> list[tuple[str, str]]:
+    from diffopt import capabilities
+
+    found = [(f"attention={name}", verdict(lambda name=name: capabilities.attention_backend(name, device, dtype)))
+             for name in ATTENTION]
+    try:
+        auto, where = capabilities.auto_attention(device, dtype)
+        found.append(("attention=auto", f"picks {auto!r} on {where}"))
+    except Exception as error:  # noqa: BLE001
+        found.append(("attention=auto", f"unknown: {type(error).__name__}: {error}"))
+    found.append(("compile", verdict(capabilities.compile)))
+    found += [(f"quantize={mode}", verdict(lambda mode=mode: capabilities.quantize(mode, device))) for mode in QUANTIZE]
+    found.append(("cache=first_block", verdict(capabilities.first_block_cache)))
+    found.append(("cache=deepcache", "yes (built into diffopt, no package needed)"))
+    return found
+
+
+def print_env() -> int:
+    import torch
+
+    import diffopt
+
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    dtype = torch.float16 if cuda else torch.float32
+    print(f"diffopt {diffopt.__version__}, " + ", ".join(f"{name} {version(name)}" for name in PACKAGES))
+    card = f", {torch.cuda.get_device_name(device)}" if cuda else ""
+    print(f"device: {device}{card} ({str(dtype).replace('torch.', '')})")
+    found = rows(device, dtype)
+    width = max(len(name) for name, _ in found)
+    for name, answer in found:
+        print(f"{name:<{width}}  {answer}")
+    return 0
