@@ -209,7 +209,7 @@ def test_sequential_offload_skips_compile_with_the_reason_or_refuses_when_named(
     (skip,) = [s for s in report.skipped if s.transform == "compile"]
     assert "sequential CPU offload" in skip.detail and "enable_model_cpu_offload" in skip.detail
     diffopt.restore(unet)
-    with pytest.raises(ValueError, match="sequential CPU offload.*compile=False"):
+    with pytest.raises(diffopt.UnsupportedFeatureError, match="sequential CPU offload.*compile=False"):
         diffopt.optimize(unet, compile=True)
     assert not is_optimized(unet)
 

@@ -298,7 +298,7 @@ def options_for(component: Component, ctx, report=None, block_cached: bool = Fal
     if not reason:
         reason = offload_blocker(module) or ""
         if reason and explicit:
-            raise ValueError(f"compile of {component.name}: {reason}, or pass compile=False")
+            raise capabilities.UnsupportedFeatureError(f"compile of {component.name}: {reason}, or pass compile=False")
     if reason:
         if report is not None:
             report.add(component.name, NAME, SKIPPED, reason)
