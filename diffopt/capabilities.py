@@ -47,7 +47,7 @@ def sdpa() -> Gate:
     torch_gate = _version_gate("SDPA attention", "torch", "2.0")
     if not torch_gate.ok:
         return torch_gate
-    # The 2_0 processors arrived in diffusers 0.14 (the seed page: "Diffusers > 0.13.0").
+    # The 2_0 processors arrived in diffusers 0.14 (diffusers' PyTorch 2.0 page: "Diffusers > 0.13.0").
     return _version_gate("SDPA attention processors", "diffusers", "0.14")
 
 
@@ -184,13 +184,13 @@ def sdpa_kernel_priority() -> Gate:
 
 #: What ``attention="auto"`` picks, by card class (see :func:`card_class`); a class not listed gets "sdpa".
 #: The first entry whose gate is open wins, so a torch built without a kernel falls through to the next.
-#: Initial table from what is known (torch's FlashAttention-2 beats the other SDPA kernels on Ampere and newer
-#: in fp16/bf16); the lead confirms or changes it by measurement on the GPU host (docs/benchmarks.md).
+#: From what is known (torch's FlashAttention-2 beats the other SDPA kernels on Ampere and newer in fp16/bf16) and
+#: from what torch's own dispatch chose on an H200 (below); docs/benchmarks.md has the measurements.
 #: "auto" only ever picks torch's own SDPA kernels, and only as a preference: where the kernel cannot run
 #: (an attention mask flash cannot take, ...) torch falls back instead of failing.
 AUTO_ATTENTION = {
     # Hopper: torch 2.11's own SDPA dispatch already ran cuDNN's fused attention for SD1.5 on an H200 (the kernel
-    # cudnn_generated_fort_native_sdpa_sm90_flash_fprop in benchmarks/results/2026-11-26-h200-session2/levers-bs1.log),
+    # cudnn_generated_fort_native_sdpa_sm90_flash_fprop in a kernel profile of SD1.5 on an H200),
     # so cuDNN first keeps that choice on every torch; FlashAttention-2 where cuDNN's backend is missing.
     "cuda-sm90+-half": ("cudnn", "flash", "sdpa"),
     "cuda-sm80+-half": ("flash", "sdpa"),

@@ -125,7 +125,11 @@ def test_second_call_reconciles_instead_of_stacking(pipe):
     first = pipe.unet._compiled_call_impl
     report = diffopt.optimize(pipe, memory_format=None, compile={"backend": "eager"})
     assert pipe.unet._compiled_call_impl is not first
-    # The compiled call wraps the module's own eager call, never the previous compiled one.
+    # The compiled call wraps the module's own eager call, never the previous compiled one: one compile layer.
+    from diffopt.layers import layers_of
+    from diffopt.transforms.compile import CompiledCall
+
+    assert [layer for layer in layers_of(pipe.unet) if isinstance(layer, CompiledCall)] == [pipe.unet._compiled_call_impl]
     assert "eager" in str(report) and not any(s.transform == "memory_format" for s in report.steps)
     assert pipe.unet.conv_in.weight.is_contiguous()
     diffopt.restore(pipe)

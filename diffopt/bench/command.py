@@ -15,7 +15,9 @@ from typing import Callable
 from diffopt.bench.pipelines import PIPELINES, STAGES, TINY_STEPS, check_stages
 from diffopt.bench.recipes import resolve, split_specs
 from diffopt.bench.runner import DEFAULTS, DTYPES, BenchSettings, run_benchmark
-from diffopt.cli import INTERRUPTED_STATUS
+
+#: The exit status of a run ended by Ctrl-C, as a shell reports it (128 + SIGINT).
+INTERRUPTED_STATUS = 130
 
 DEFAULT_OUT = "bench-out"
 

