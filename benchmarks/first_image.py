@@ -4,6 +4,7 @@ Run each recipe in its own process; point TORCHINDUCTOR_CACHE_DIR and TRITON_CAC
 a cold start, and DIFFOPT_CACHE_DIR at a directory an earlier run filled for a warm one. Prints one JSON line.
 
     python benchmarks/first_image.py diffopt sd15 1,4,1
+    python benchmarks/first_image.py diffopt:dynamic_batch=True sd15 1,4,1
     python benchmarks/first_image.py diffusers-compile sd15 1
     python benchmarks/first_image.py eager sd15 1
 """
@@ -55,7 +56,9 @@ detail = ""
 if recipe.startswith("diffopt"):
     import diffopt
 
-    options = dict(item.split("=", 1) for item in recipe.split(":")[1:])
+    import ast
+
+    options = {key: ast.literal_eval(value) for key, value in (item.split("=", 1) for item in recipe.split(":")[1:])}
     report = diffopt.optimize(pipe, **options)
     detail = [s.detail for s in report.applied if s.transform == "compile"]
 elif recipe == "diffusers-compile":  # the diffusers docs' recipe: SDPA + channels_last + compile(reduce-overhead)
@@ -64,8 +67,20 @@ elif recipe == "diffusers-compile":  # the diffusers docs' recipe: SDPA + channe
 optimize_s = time.perf_counter() - start
 result = dict(recipe=recipe, model=model, steps=steps, gpu=torch.cuda.get_device_name(), torch=torch.__version__,
               diffusers=diffusers.__version__, build_s=round(built, 1), optimize_s=round(optimize_s, 2), compile=detail, shapes=[])
-for batch in batches:
+def compile_phases():
+    """Seconds spent per compile phase so far (dynamo tracing, AOTAutograd, inductor, ...), and cache hits."""
+    from torch._dynamo.utils import compile_times, counters
+
+    names, values = compile_times(repr="csv", aggregate=True)
+    phases = {n: round(float(v), 2) for n, v in zip(names, values) if float(v) >= 0.05}
+    return dict(phases=phases, inductor={k: v for k, v in counters["inductor"].items() if "cache" in k},
+                aot_autograd={k: v for k, v in counters["aot_autograd"].items() if "cache" in k or "hit" in k})
+
+
+for index, batch in enumerate(batches):
     first, latents = call(batch)
+    if index == 0:
+        result["first_compile"] = compile_phases()
     times = sorted(call(batch)[0] for _ in range(5))
     result["shapes"].append(dict(batch=batch, first_call_s=round(first, 2), steady_s=round(times[2], 4),
                                  steps_per_s=round(steps / times[2], 2)))
