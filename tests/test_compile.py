@@ -138,7 +138,7 @@ def test_each_model_starts_from_a_static_graph_and_keeps_torchs_rules_for_itself
 
 
 def test_plain_torch_compile_traces_the_next_model_symbolically():
-    # What diffopt's own entry per model avoids (the seed recipe does this): torch.compile(unet) shares
+    # What diffopt's own entry per model avoids, and what diffusers' documented recipe does: torch.compile(unet) shares
     # UNet2DConditionModel.forward's code, so the second model's first graph is already symbolic, as if the first
     # had changed shape. On an H200, IF's stage II then had not compiled after 200 s; alone it took 75 s.
     graphs = _symbolic_inputs_of_each_graph(lambda unet, backend: torch.compile(unet, backend=backend))

@@ -175,7 +175,8 @@ def test_export_after_restore():
 )
 def test_channels_last_threshold_splits_the_public_unets_from_the_transformers(name, converted):
     # SDXL's UNet holds only 13% of its weights in convs, yet they are 24% of its FLOPs at 1024 px: the default
-    # must convert it (as the seed recipe does) and still skip transformers, whose only conv is a patch embedding.
+    # must convert it (as diffusers' documented torch.compile recipe does, or diffopt would be slower than that recipe)
+    # and still skip transformers, whose only conv is a patch embedding.
     from diffopt.transforms.memory_format import MIN_CONV_SHARE_FOR_CHANNELS_LAST
     from diffopt.bench.configs import build_model
     from diffopt.components import conv_share
