@@ -1,6 +1,6 @@
-"""Issue 4 ablation: one lever at a time on SD1.5 (random weights, public architecture), measured the way
-benchmarks/anchors/bench_anchor.py measures (fp16, 512x512, DDIM 50 steps, output_type="latent",
-steps/s of the whole pipeline call, median of 3 after warm calls).
+"""Ablation: one lever at a time on SD1.5 (random weights, public architecture), so that what each lever adds to
+the speed-up can be told apart from the others. Measured the way benchmarks/anchors/bench_anchor.py measures (fp16,
+512x512, DDIM 50 steps, output_type="latent", steps/s of the whole pipeline call, median of 3 after warm calls).
 
     python benchmarks/levers.py VARIANT [BATCH] [STEPS]
 
@@ -88,9 +88,9 @@ if "dynbatch" in tokens:
 
 if "stepgraph" in tokens:
     # The whole denoising step in one CUDA graph: UNet, guidance and the DDIM update. The pipeline runs the last
-    # two eagerly between graph replays (1.6 ms of a 7.7 ms step in the session-2 profile), and DDIM's timestep
-    # indexing synchronizes every step. Per-step scalars are precomputed on the GPU and passed as 0-d tensors so one
-    # graph serves every step. Checked on CPU against StableDiffusionPipeline + DDIM: identical latents.
+    # two eagerly between graph replays (1.6 ms of a 7.7 ms step in a kernel profile of this benchmark's SD1.5 run),
+    # and DDIM's timestep indexing synchronizes every step. Per-step scalars are precomputed on the GPU and passed as
+    # 0-d tensors so one graph serves every step. Checked on CPU against StableDiffusionPipeline + DDIM: identical latents.
     pipe.unet.to(memory_format=torch.channels_last)
     sched = pipe.scheduler
     sched.set_timesteps(steps, device=dev)

@@ -138,7 +138,9 @@ def sage(device, dtype) -> Gate:
 
 def attention_backend(name: str, device, dtype) -> Gate:
     """Can attention backend ``name`` (a value of ``attention=``) run for a module on ``device`` in ``dtype``?"""
-    if name in ("flash", "cudnn", "efficient", "math"):
+    from .attention_names import KERNELS
+
+    if name in KERNELS:
         return _kernel_gate(name, device, dtype)
     if name == "flex":
         return flex()
@@ -148,7 +150,10 @@ def attention_backend(name: str, device, dtype) -> Gate:
         return xformers()
     if name == "sdpa":
         return sdpa()
-    return Gate(f"{name} attention", True)  # "default": the classic processors need nothing
+    if name == "default":
+        return Gate(f"{name} attention", True)  # the classic processors need nothing
+    # A name added to attention_names without a gate here would otherwise pass as if it needed nothing.
+    raise ValueError(f"no capability gate for attention backend {name!r}")
 
 
 def dispatcher_backend(name: str, context_parallel: bool = False) -> Gate:

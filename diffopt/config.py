@@ -12,10 +12,12 @@ from dataclasses import dataclass, field
 from numbers import Real
 from typing import Any, FrozenSet, Mapping, Optional, Union
 
-# Processor families ("sdpa": let torch pick the kernel, "default": the classic processors, "xformers"), torch's
-# SDPA kernels forced by name, backends of diffusers' attention dispatcher, "auto" (the fastest the card has, see
-# capabilities.AUTO_ATTENTION), and None: leave attention as it is.
-ATTENTION_CHOICES = ("sdpa", "default", "flash", "cudnn", "efficient", "math", "flex", "sage", "xformers", "auto", None)
+# ATTENTION_CHOICES: processor families ("sdpa": let torch pick the kernel, "default": the classic processors,
+# "xformers"), torch's SDPA kernels forced by name, backends of diffusers' attention dispatcher, "auto" (the fastest
+# the card has, see capabilities.AUTO_ATTENTION), and None: leave attention as it is. Derived from the one table of
+# attention names, which imports nothing heavy, so that importing config still imports no torch.
+from .attention_names import ATTENTION_CHOICES
+
 # None and "preserve" both mean: leave the memory format as it is.
 MEMORY_FORMAT_CHOICES = ("channels_last", "contiguous", "preserve", None)
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs", None)
@@ -93,6 +95,18 @@ class FirstBlockCache:
             raise TypeError(f"FirstBlockCache threshold must be a number >= 0, got {value!r} ({type(value).__name__})")
         if not math.isfinite(value) or value < 0:
             raise ValueError(f"FirstBlockCache threshold must be a finite number >= 0, got {value!r}")
+
+
+def is_inductor(options: Mapping[str, Any]) -> bool:
+    """Whether torch.compile ``options`` (its keyword arguments) compile with inductor, torch's default backend."""
+    return options.get("backend", "inductor") == "inductor"
+
+
+def takes_mode(options: Mapping[str, Any], ignore_backend: bool = False) -> bool:
+    """Whether a ``mode`` means anything beside torch.compile ``options``: torch.compile takes a mode or inductor
+    options, never both (it raises on both), and a mode means nothing to a backend other than inductor (it is
+    passed on and ignored). ``ignore_backend``: only the first half, the part that is an error when both are named."""
+    return "options" not in options and (ignore_backend or is_inductor(options))
 
 
 class FrozenOptions(dict):
@@ -214,7 +228,7 @@ class OptimizeConfig:
             raise ValueError(f"compile['dynamic'] must be True, False or None, got {options['dynamic']!r}")
         if "options" in options and not isinstance(options["options"], Mapping):
             raise TypeError(f"compile['options'] must be a dict of inductor options, got {options['options']!r}")
-        if options.get("mode") is not None and "options" in options:
+        if options.get("mode") is not None and not takes_mode(options, ignore_backend=True):
             raise ValueError("compile: torch.compile takes either 'mode' or 'options', not both")
 
     @classmethod

@@ -19,7 +19,10 @@ from __future__ import annotations
 import importlib.metadata
 from typing import Callable
 
-ATTENTION = ("sdpa", "default", "flash", "cudnn", "efficient", "math", "flex", "sage", "xformers")
+from .attention_names import TABLE
+
+# Every backend of attention= (not "auto", which gets its own line saying what it picks, nor None).
+ATTENTION = tuple(row.name for row in TABLE)
 QUANTIZE = ("int8", "int8-weight-only", "fp8")
 PACKAGES = ("torch", "diffusers", "torchao", "triton")
 

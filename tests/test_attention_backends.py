@@ -202,7 +202,9 @@ def test_forced_kernel_survives_torch_compile(compile_clean):
     unet = tiny_unet()
     change = apply_attention_backend(unet, "efficient")
     unet.compile(fullgraph=True)
-    with pytest.raises(Exception, match="scaled_dot_product_attention"):
+    # Raised while dynamo traces the graph (fake tensors under the forced kernel), so it comes wrapped in dynamo's
+    # TorchRuntimeError, a RuntimeError; a kernel dropped by dynamo would trace and run on the CPU's flash kernel.
+    with pytest.raises(RuntimeError, match="No viable backend for scaled_dot_product_attention"):
         run(unet, run_unet)  # the forced kernel is traced into the graph, not dropped by dynamo
     change.undo()
 
@@ -344,6 +346,51 @@ def test_flex_on_the_dispatcher_calls_flex_attention(monkeypatch):
 
 
 # ---- errors ----------------------------------------------------------------------------------------------------------
+
+
+def test_attention_names_come_from_one_table():
+    from diffopt import attention_names
+    from diffopt.transforms import attention as family_transform
+    from diffopt.transforms import attention_backend
+
+    # The order error messages and the docs list them in.
+    assert ATTENTION_CHOICES == (
+        "sdpa", "default", "flash", "cudnn", "efficient", "math", "flex", "sage", "xformers", "auto", None
+    )
+    # Every other list of names is the table's, not a copy that could drift from it.
+    assert attention_backend.KERNELS is attention_names.KERNELS
+    assert attention_backend.DISPATCHER is attention_names.DISPATCHER
+    assert attention_backend.DISPATCHER_ONLY is attention_names.DISPATCHER_ONLY
+    assert family_transform.FAMILIES is attention_names.FAMILIES
+    assert set(attention_names.KERNELS.values()) == set(TORCH_ORDER)  # "auto" reorders exactly torch's kernels
+    assert {f for kinds in family_transform.PROCESSORS.values() for f in kinds} <= set(attention_names.FAMILIES)
+    for picks in capabilities.AUTO_ATTENTION.values():  # "auto" picks a forced kernel, else plain SDPA
+        assert picks[-1] == "sdpa" and set(picks[:-1]) <= set(attention_names.KERNELS)
+
+
+def test_every_attention_choice_has_its_own_gate():
+    # A name the gates do not know must not pass as if it needed nothing.
+    from diffopt.attention_names import TABLE
+
+    cpu = torch.device("cpu")
+    for row in TABLE:
+        assert capabilities.attention_backend(row.name, cpu, torch.float32).feature.lower().startswith(row.name)
+    with pytest.raises(ValueError, match="no capability gate for attention backend 'flash2'"):
+        capabilities.attention_backend("flash2", cpu, torch.float32)
+
+
+def test_config_and_the_names_table_import_no_torch():
+    import ast
+    from pathlib import Path
+
+    import diffopt.attention_names
+    import diffopt.config
+
+    for module in (diffopt.config, diffopt.attention_names):
+        tree = ast.parse(Path(module.__file__).read_text())
+        imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        imported |= {n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and not n.level}
+        assert not {name.split(".")[0] for name in imported} & {"torch", "diffusers"}, module.__name__
 
 
 def test_unknown_attention_lists_every_choice():

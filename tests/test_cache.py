@@ -210,9 +210,11 @@ def test_deep_blocks_run_only_on_full_steps():
 
 
 PIPELINES = {**ROUNDTRIP_PIPELINES, "live-controlnet": lambda: sd_pipeline(controlnet=live_controlnet())}
-# How far a cached image may drift on random weights. IF denoises in pixel space, clamped to [-1, 1] at every
-# step, and its random UNet saturates many pixels: a cached step flips some of them, hence the looser bound.
-DRIFT = {"if": 1.0}
+# How far a cached image may drift on random weights (relative L2 to the uncached one). IF denoises in pixel space,
+# clamped to [-1, 1] at every step, and its random UNet saturates many pixels: a cached step flips some of them, so
+# its drift is 0.55 on the tiny pipeline (torch 2.x, CPU). Its bound still fails what a broken cache gives: an
+# all-zero image scores 1.0, one unrelated to the uncached image about 1.4; the norm check below catches the rest.
+DRIFT = {"if": 0.75}
 
 
 @pytest.mark.parametrize("kind", PIPELINES)
@@ -224,6 +226,7 @@ def test_interval_one_is_the_uncached_image_and_caching_is_close_but_not_equal(k
     diffopt.optimize(pipe, cache="deepcache", **EAGER)
     cached = run_pipeline(pipe, steps=STEPS)
     assert 0 < rel_l2(cached, uncached) < DRIFT.get(kind, 0.1)
+    assert abs(cached.norm() / uncached.norm() - 1) < 0.2  # an image of its own, not a faded or blown-up one
     diffopt.restore(pipe, attention="original")
     assert torch.equal(run_pipeline(pipe, steps=STEPS), uncached)
 

@@ -25,15 +25,38 @@ def test_sd_pipeline_inductor_matches_eager_and_does_not_recompile():
     assert "_compiled_call_impl" not in vars(pipe.unet)
 
 
+def counting_inductor(calls):
+    """Inductor, with every call of a compiled graph appended to ``calls``: what ran compiled, seen from outside."""
+    from torch._inductor.compile_fx import compile_fx
+
+    def backend(gm, example_inputs):
+        compiled = compile_fx(gm, example_inputs)
+
+        def run(*args):
+            calls.append(gm)
+            return compiled(*args)
+
+        run._boxed_call = getattr(compiled, "_boxed_call", False)  # dynamo passes a boxed graph its inputs as a list
+        return run
+
+    return backend
+
+
 def test_controlnet_pipeline_compiles_both_networks():
     pipe = sd_pipeline(controlnet=tiny_controlnet())
     eager = run_pipeline(pipe)
-    report = diffopt.optimize(pipe)
+    calls = []
+    report = diffopt.optimize(pipe, compile={"backend": counting_inductor(calls)})
     compiled_components = {s.component for s in report.applied if s.transform == "compile"}
     assert compiled_components == {"unet", "controlnet"}
     assert rel_l2(run_pipeline(pipe), eager) < 1e-4
+    assert len({id(gm) for gm in calls}) >= 2  # a graph each for the UNet and the ControlNet ran
     diffopt.restore(pipe)
-    assert torch.equal(run_pipeline(pipe), run_pipeline(pipe))
+    assert "_compiled_call_impl" not in vars(pipe.unet) and "_compiled_call_impl" not in vars(pipe.controlnet)
+    ran_compiled = len(calls)
+    restored = run_pipeline(pipe)
+    assert len(calls) == ran_compiled  # no compiled graph runs after restore: both networks are eager again
+    assert torch.equal(run_pipeline(pipe), restored)
 
 
 @pytest.mark.parametrize("build", [sd3_transformer, flux_transformer, pixart_transformer], ids=["sd3", "flux", "pixart"])
@@ -115,7 +138,7 @@ def test_each_model_starts_from_a_static_graph_and_keeps_torchs_rules_for_itself
 
 
 def test_plain_torch_compile_traces_the_next_model_symbolically():
-    # What diffopt's own entry per model avoids (the seed recipe does this): torch.compile(unet) shares
+    # What diffopt's own entry per model avoids, and what diffusers' documented recipe does: torch.compile(unet) shares
     # UNet2DConditionModel.forward's code, so the second model's first graph is already symbolic, as if the first
     # had changed shape. On an H200, IF's stage II then had not compiled after 200 s; alone it took 75 s.
     graphs = _symbolic_inputs_of_each_graph(lambda unet, backend: torch.compile(unet, backend=backend))

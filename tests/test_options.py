@@ -220,3 +220,26 @@ def test_first_controlnet_starts_a_cuda_graph_step_on_every_call(monkeypatch, ne
     run_pipeline(pipe, steps=3)
     assert marks == []
     diffopt.restore(pipe)
+
+
+@pytest.mark.parametrize(
+    "options, takes, ignoring_backend",
+    [
+        ({}, True, True),
+        ({"backend": "inductor", "fullgraph": True}, True, True),
+        ({"options": {"triton.cudagraphs": False}}, False, False),
+        ({"backend": "aot_eager"}, False, True),  # passed on to the backend, which ignores it: not an error
+    ],
+)
+def test_takes_mode_is_torch_compiles_rule(options, takes, ignoring_backend):
+    from diffopt.config import takes_mode
+
+    assert takes_mode(options) is takes
+    assert takes_mode(options, ignore_backend=True) is ignoring_backend
+
+
+def test_mode_and_inductor_options_together_are_refused_and_a_mode_for_another_backend_is_not():
+    with pytest.raises(ValueError, match="either 'mode' or 'options', not both"):
+        diffopt.OptimizeConfig(compile={"mode": "max-autotune", "options": {"epilogue_fusion": True}})
+    diffopt.OptimizeConfig(compile={"mode": "max-autotune", "backend": "aot_eager"})
+    diffopt.OptimizeConfig(compile={"mode": None, "options": {"epilogue_fusion": True}})

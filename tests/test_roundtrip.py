@@ -175,10 +175,81 @@ def test_export_after_restore():
 )
 def test_channels_last_threshold_splits_the_public_unets_from_the_transformers(name, converted):
     # SDXL's UNet holds only 13% of its weights in convs, yet they are 24% of its FLOPs at 1024 px: the default
-    # must convert it (as the seed recipe does) and still skip transformers, whose only conv is a patch embedding.
+    # must convert it (as diffusers' documented torch.compile recipe does, or diffopt would be slower than that recipe)
+    # and still skip transformers, whose only conv is a patch embedding.
     from diffopt.transforms.memory_format import MIN_CONV_SHARE_FOR_CHANNELS_LAST
     from diffopt.bench.configs import build_model
     from diffopt.components import conv_share
 
     share = conv_share(build_model(name, "full", device="meta"))
     assert (share >= MIN_CONV_SHARE_FOR_CHANNELS_LAST) is converted
+
+
+def test_compile_vae_compiles_the_decoder_matches_eager_and_restore_removes_every_layer():
+    from diffopt.api import is_optimized
+    from diffopt.layers import layers_of
+
+    pipe = sd_pipeline()
+    pipe.unet.set_default_attn_processor()  # restore's default puts every model on the classic processors
+    pipe.vae.set_default_attn_processor()
+    latents = run_pipeline(pipe)
+    with torch.inference_mode():
+        eager = pipe.vae.decode(latents).sample
+    before = snapshot(pipe)
+
+    report = diffopt.optimize(pipe, compile={"backend": "eager"}, compile_vae=True)
+    assert {s.transform for s in report.applied if s.component == "vae.decoder"} == {"attention", "memory_format", "compile"}
+    assert "_compiled_call_impl" in vars(pipe.vae.decoder)
+    assert "_compiled_call_impl" not in vars(pipe.vae)  # only the decoder: the encoder is not what decode runs
+    with torch.inference_mode():
+        assert rel_l2(pipe.vae.decode(latents).sample, eager) < 1e-5
+
+    diffopt.restore(pipe)
+    assert not is_optimized(pipe)
+    assert "_compiled_call_impl" not in vars(pipe.vae.decoder)
+    assert not any(layers_of(m) for m in pipe.vae.modules())
+    assert_same(before, snapshot(pipe))
+    with torch.inference_mode():
+        assert torch.equal(pipe.vae.decode(latents).sample, eager)
+
+
+def test_without_compile_vae_the_vae_is_left_alone():
+    pipe = sd_pipeline()
+    report = diffopt.optimize(pipe, compile={"backend": "eager"})
+    assert not [s for s in report.steps if s.component.startswith("vae")]
+    assert "_compiled_call_impl" not in vars(pipe.vae.decoder)
+    diffopt.restore(pipe)
+
+
+def test_memory_format_contiguous_undoes_channels_last_and_restore_gives_it_back():
+    from diffopt.layers import layers_of
+
+    pipe = sd_pipeline()
+    pipe.unet.to(memory_format=torch.channels_last)
+    # 1x1 convs are contiguous in both formats: only the others have anything to convert.
+    convs = [p for p in pipe.unet.parameters() if p.dim() == 4 and not p.is_contiguous()]
+    assert convs and all(p.is_contiguous(memory_format=torch.channels_last) for p in convs)
+    strides = [p.stride() for p in convs]
+    eager = run_pipeline(pipe)
+
+    report = diffopt.optimize(pipe, memory_format="contiguous", compile=False)
+    (row,) = [s for s in report.applied if (s.component, s.transform) == ("unet", "memory_format")]
+    assert row.detail == f"{len(convs)} 4-D weights -> contiguous"
+    assert all(p.is_contiguous() for p in convs)
+    assert rel_l2(run_pipeline(pipe), eager) < 1e-5
+
+    diffopt.restore(pipe)
+    assert [p.stride() for p in convs] == strides
+    assert not layers_of(pipe.unet)
+
+
+@pytest.mark.parametrize("setting", ["preserve", None])
+def test_memory_format_preserve_or_none_touches_no_stride(setting):
+    pipe = sd_pipeline()
+    pipe.unet.conv_in.to(memory_format=torch.channels_last)  # a mix: neither format throughout
+    strides = {k: v.stride() for k, v in pipe.unet.state_dict().items()}
+    report = diffopt.optimize(pipe, memory_format=setting, compile=False)
+    assert not [s for s in report.steps if s.transform == "memory_format"]
+    assert {k: v.stride() for k, v in pipe.unet.state_dict().items()} == strides
+    diffopt.restore(pipe)
+    assert {k: v.stride() for k, v in pipe.unet.state_dict().items()} == strides

@@ -12,11 +12,11 @@ from diffopt.transforms.timesteps import apply_cpu_timesteps, scalars_to_device
 
 
 def _schedulers():
-    # The three that read their timesteps every step; Euler keeps its sigmas on the CPU already (it cannot even
+    # Those that read their timesteps every step; Euler keeps its sigmas on the CPU already (it cannot even
     # be asked for "meta" timesteps, which is why its test below only runs with the hook on).
-    from diffusers import DDIMScheduler, DDPMScheduler, PNDMScheduler
+    from diffusers import DDIMScheduler, DDPMScheduler, LCMScheduler, PNDMScheduler, TCDScheduler
 
-    return [DDIMScheduler(), PNDMScheduler(), DDPMScheduler()]
+    return [DDIMScheduler(), PNDMScheduler(), DDPMScheduler(), LCMScheduler(), TCDScheduler()]
 
 
 @pytest.mark.parametrize("scheduler", _schedulers(), ids=lambda s: type(s).__name__)
@@ -144,6 +144,24 @@ def test_where_it_does_not_fit_it_stays_off_silently_and_naming_it_is_an_error(p
     with pytest.raises(ValueError, match=r"needs a pipeline .* got UNet2DConditionModel"):
         diffopt.optimize(sd_pipeline().unet, compile=False, cpu_timesteps=True)
     assert isinstance(pipe.unet, UNet2DConditionModel)
+
+
+@pytest.mark.parametrize("name", ["LCMScheduler", "TCDScheduler"])
+def test_few_step_schedulers_are_planned_onto_the_cpu_too(pretend_cuda, name):
+    # LCM and TCD read their timesteps in every step() as DDIM does (previous timestep, boundary conditions).
+    import diffusers
+
+    pipe = sd_pipeline()
+    pipe.scheduler = getattr(diffusers, name).from_config(pipe.scheduler.config)
+    report = diffopt.optimize(pipe)
+    assert _entries(report, "cpu_timesteps") == [
+        ("scheduler", "applied", f"{name} keeps its timesteps on the CPU: reading them never waits for the GPU")
+    ]
+    pipe.scheduler.set_timesteps(4, device="meta")
+    assert pipe.scheduler.timesteps.device.type == "cpu"
+    diffopt.restore(pipe)
+    pipe.scheduler.set_timesteps(4, device="meta")
+    assert pipe.scheduler.timesteps.device.type == "meta"
 
 
 def test_schedulers_that_do_not_wait_are_left_alone(pretend_cuda):

@@ -12,6 +12,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from .. import capabilities
+from ..attention_names import FAMILIES
 from ..layers import Applied, Layer, attach, mark
 from ..plan import Step
 from ..report import SKIPPED
@@ -34,7 +35,6 @@ PROCESSORS: Dict[str, Dict[str, str]] = {
 }
 # Sliced processors compute the same attention in slices to save memory; asking for a family replaces them.
 SLICED = {"SlicedAttnProcessor": "attention", "SlicedAttnAddedKVProcessor": "added_kv"}
-FAMILIES = ("default", "sdpa", "xformers")
 NAME = "attention"
 
 

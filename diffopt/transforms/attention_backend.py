@@ -15,12 +15,15 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from typing import Dict, List, Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 
 from .. import capabilities
+# The names of attention= and what each means on direct and dispatcher layers: one table, in attention_names.
+from ..attention_names import DISPATCHER, DISPATCHER_ONLY, FAMILY, KERNELS
 from ..components import module_device, module_dtype
+from ..config import is_inductor
 from ..layers import Applied, InstanceHook, Layer, attach, detach, mark, undo_all
 from ..plan import Step
 from ..report import SKIPPED
@@ -28,30 +31,6 @@ from .attention import NAME, apply_attention, attention_modules, missing_classes
 
 logger = logging.getLogger(__name__)
 
-#: Our name -> torch SDPBackend member forced on direct layers (None: no kernel is forced).
-KERNELS: Dict[str, Optional[str]] = {
-    "flash": "FLASH_ATTENTION",
-    "cudnn": "CUDNN_ATTENTION",
-    "efficient": "EFFICIENT_ATTENTION",
-    "math": "MATH",
-}
-#: Our name -> diffusers' attention-dispatcher backend. "flash" is torch's FlashAttention kernel, as on direct layers,
-#: not diffusers' "flash" (the flash-attn package). "default" has no dispatcher twin: those layers are left alone.
-DISPATCHER: Dict[str, str] = {
-    "sdpa": "native",
-    "flash": "_native_flash",
-    "cudnn": "_native_cudnn",
-    "efficient": "_native_efficient",
-    "math": "_native_math",
-    "flex": "flex",
-    "sage": "sage",
-    "xformers": "xformers",
-}
-#: Backends that exist only behind diffusers' dispatcher: a processor calling F.scaled_dot_product_attention has
-#: no way to reach flex_attention or sageattn short of replacing the processor, which diffopt does not do.
-DISPATCHER_ONLY = ("flex", "sage")
-#: The processor family direct layers are put on before a backend applies (kernels need SDPA processors).
-FAMILY = {"default": "default", "xformers": "xformers"}
 #: The order torch tries its kernels in by default; "auto" moves its pick to the front.
 TORCH_ORDER = ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH", "CUDNN_ATTENTION")
 
@@ -227,9 +206,9 @@ def compile_options(attention: Optional[str], options: dict) -> dict:
     Forcing MATH makes dynamo trace SDPA's math decomposition (matmul, softmax, matmul), and inductor's attention
     pattern matcher fuses that back into a fused SDPA kernel (FlashAttention on the CPU), so the request would be
     silently undone. Turning inductor's pattern matcher off for this module keeps it; a mode becomes its inductor
-    options, since torch.compile takes one or the other.
+    options, since torch.compile takes one or the other (config.takes_mode).
     """
-    if attention != "math" or options.get("backend", "inductor") != "inductor":
+    if attention != "math" or not is_inductor(options):
         return options
     options = dict(options)
     inductor = {}
