@@ -234,7 +234,7 @@ def copy_entries(src_dir, dst_dir, keys: Iterable[str]) -> List[pathlib.Path]:
 
 class Entry:
     """One compiled model's place in the cache, for the compile transform: loaded when it is created (before the
-    model's first compiled call), saved after that call unless it came from the cache."""
+    model's first compiled call), saved after every call that compiled something."""
 
     def __init__(self, directory: pathlib.Path, key: str, device):
         self.directory, self.key, self.device = directory, key, device
@@ -246,9 +246,11 @@ class Entry:
             return f"no saved compile yet; it is saved to {_shown(self.directory)} after the first call"
         return self.loaded.detail
 
-    def after_first_call(self) -> Optional[CacheResult]:
-        if self.loaded.status == "loaded":
-            return None  # nothing new to write: the entry already holds what this call used
+    def after_compile(self, first: bool) -> Optional[CacheResult]:
+        """Save after a call that compiled: the first one, unless its compile came from this entry (nothing new to
+        write), and every later one (a new shape, a LoRA), so the entry grows with what the process compiled."""
+        if first and self.loaded.status == "loaded":
+            return None
         return save(self.directory, self.key, self.device)
 
 

@@ -295,3 +295,37 @@ def test_bad_compile_cache_values_are_refused_before_anything_changes():
         with pytest.raises(TypeError, match="compile_cache must be None"):
             diffopt.optimize(unet, compile_cache=bad)
     assert not diffopt.api.is_optimized(unet)
+
+
+def test_every_call_that_compiles_is_saved_and_said(caplog):
+    """A new batch size compiles again: that compile is announced and saved too, so a new process finds every
+    shape this one compiled (the first call's save alone would miss it)."""
+    import logging
+
+    from conftest import tiny_unet, unet_inputs
+
+    from diffopt.transforms.compile import apply_compile
+
+    class Recording:
+        loaded = cc.CacheResult("missing", "no saved compile yet")
+        detail = "recording"
+
+        def __init__(self):
+            self.calls = []
+
+        def after_compile(self, first):
+            self.calls.append(first)
+            return None
+
+    torch.compiler.reset()
+    unet, entry = tiny_unet(), Recording()
+    applied = apply_compile(unet, {"backend": "eager", "fullgraph": True}, name="unet", cache=entry)
+    with torch.no_grad(), caplog.at_level(logging.WARNING, logger="diffopt"):
+        unet(**unet_inputs(unet))
+        unet(**unet_inputs(unet))  # the same shape: nothing compiles, nothing is saved
+        unet(**unet_inputs(unet, batch=2))
+    applied.undo()
+    assert entry.calls == [True, False]
+    messages = [r.getMessage() for r in caplog.records]
+    assert any(m.startswith("diffopt: compiling unet") for m in messages)
+    assert any(m.startswith("diffopt: compiled unet in") for m in messages)

@@ -184,10 +184,11 @@ class CompiledCall(Layer):
         hook = getattr(module, "_hf_hook", None)
         first = self.calls == 0
         self.calls += 1
-        started = time.perf_counter()
         if first:
-            logger.warning("diffopt: compiling %s with torch.compile (first call; seconds from a saved compile, "
-                           "a minute or more on a GPU from scratch)...", self.name)  # fmt: skip
+            saved = self.cache is not None and self.cache.loaded.status == "loaded"
+            logger.warning("diffopt: compiling %s with torch.compile (first call; %s)...", self.name,
+                           "from the saved compile, seconds" if saved else "a minute or more on a GPU")  # fmt: skip
+        graphs, started = _graphs_compiled(), time.perf_counter()
         with _recompile_limit(RECOMPILE_LIMIT):
             if hook is None or "_old_forward" not in vars(module):
                 output = self.compiled(module, *args, **kwargs)
@@ -196,12 +197,20 @@ class CompiledCall(Layer):
             else:
                 _warn_once(module, offload_blocker(module) or f"{type(hook).__name__} on {self.name}")
                 output = module._call_impl(*args, **kwargs)
-        if first:
-            logger.warning("diffopt: compiled %s in %.1f s", self.name, time.perf_counter() - started)
-            saved = self.cache.after_first_call() if self.cache is not None else None
-            if saved is not None:
-                logger.info("diffopt: %s", saved.detail)
+        if first or _graphs_compiled() != graphs:
+            self._compiled(first, time.perf_counter() - started)
         return output
+
+    def _compiled(self, first: bool, seconds: float) -> None:
+        """Say what the call that compiled cost, and keep what it compiled: every new shape or variant (a batch
+        size, a LoRA, the cached step of a step cache) is saved too, so that a new process finds all of them."""
+        if first:
+            logger.warning("diffopt: compiled %s in %.1f s", self.name, seconds)
+        elif seconds > 1.0:
+            logger.warning("diffopt: compiled %s again for new inputs (a new shape or setting) in %.1f s", self.name, seconds)
+        saved = self.cache.after_compile(first) if self.cache is not None else None
+        if saved is not None:
+            logger.info("diffopt: %s", saved.detail)
 
     def _offloaded_call(self, hook, args, kwargs):
         module = self.module
@@ -227,6 +236,13 @@ class CompiledCall(Layer):
             f"diffopt: {self.name} is compiled by diffopt.optimize and compiled code cannot be pickled; call "
             "diffopt.restore(pipe) before pickling (and diffopt.optimize(pipe) again after loading)"
         )
+
+
+def _graphs_compiled() -> int:
+    """How many graphs dynamo has compiled in this process: a call that raises it compiled something."""
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
 
 
 class _nothing:
