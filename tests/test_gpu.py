@@ -122,3 +122,20 @@ def test_requested_sdpa_kernel_is_the_one_launched(backend):
     assert list(launched) == ([] if backend == "math" else [backend]), launched
     assert rel_l2(out, reference) < FP16_BOUND
     diffopt.restore(unet)
+
+
+@pytest.mark.compile
+def test_model_cpu_offload_composes_with_compile_on_cuda():
+    # accelerate's hook moves the UNet to the GPU outside the compiled forward; CUDA graphs are left out, since the
+    # weights come back at new addresses on every call.
+    pytest.importorskip("accelerate")
+    pipe = sd_pipeline().to(torch.float16)
+    pipe.enable_model_cpu_offload()
+    eager = run_pipeline(pipe, steps=3).float()
+    report = diffopt.optimize(pipe)
+    (compiled,) = [s.detail for s in report.applied if s.transform == "compile"]
+    assert "reduce-overhead" not in compiled
+    outputs = [run_pipeline(pipe, steps=3).float() for _ in range(2)]
+    assert torch.equal(outputs[0], outputs[1]) and rel_l2(outputs[-1], eager) < FP16_BOUND
+    diffopt.restore(pipe)
+    assert not diffopt.api.is_optimized(pipe)

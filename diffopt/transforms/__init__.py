@@ -4,7 +4,7 @@ what it changed on the objects it changed, so that undo needs nothing but those 
 
 :data:`ORDER` is the order they are planned and applied in; ``restore`` undoes in exactly the reverse order.
 """
-from . import attention, cache, compile, fuse_projections, memory_format, quantize, timesteps
+from . import attention_backend, cache, compile, fuse_projections, memory_format, quantize, timesteps
 
 # Processors first (compile must trace the final ones; fusing swaps some processors for fused ones, so it follows
 # the attention family); memory format before compile (compiled graphs specialize on weight strides); quantization
@@ -15,4 +15,4 @@ from . import attention, cache, compile, fuse_projections, memory_format, quanti
 # forward, so that the block wrappers and the clock flag they read become the guards of two graphs (full step,
 # cached step). The first-block cache is the exception that proves the order: it must wrap blocks that are already
 # compiled, so its planner plans both.
-ORDER = (attention, fuse_projections, memory_format, quantize, timesteps, cache, compile)
+ORDER = (attention_backend, fuse_projections, memory_format, quantize, timesteps, cache, compile)

@@ -11,11 +11,8 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from .. import capabilities
 from ..attention_names import FAMILIES
 from ..layers import Applied, Layer, attach, mark
-from ..plan import Step
-from ..report import SKIPPED
 
 # kind -> family -> diffusers class name. Names are resolved at call time: old diffusers lack some.
 PROCESSORS: Dict[str, Dict[str, str]] = {
@@ -139,36 +136,3 @@ def apply_attention(model: torch.nn.Module, family: str, record: bool = True) ->
     if kept:
         detail += "; kept " + ", ".join(f"{n}x {name}" for name, n in kept.items())
     return Applied(detail, since, model)
-
-
-def plan(ctx) -> List[Step]:
-    from . import attention_backend
-
-    if ctx.config.attention is None:
-        return []
-    steps = []
-    for component in ctx.components:
-        if ctx.config.attention not in FAMILIES or attention_backend.dispatcher_layers(component.module):
-            steps += attention_backend.plan(component, ctx)
-        else:
-            steps += _plan_family(component, ctx)
-    return steps
-
-
-def _plan_family(component, ctx) -> List[Step]:
-    family, explicit = ctx.config.attention, ctx.config.asks_for(NAME)
-    gate = {"sdpa": capabilities.sdpa, "xformers": capabilities.xformers}.get(family)
-    if gate is not None:
-        reason = capabilities.require_or_skip(gate(), explicit, f"attention={family!r}")
-        if reason:
-            ctx.report.add(component.name, NAME, SKIPPED, reason)
-            return []
-    missing = missing_classes(family)
-    if missing:
-        found = capabilities.installed_version("diffusers")
-        reason = f"attention={family!r}: diffusers {found} lacks {', '.join(missing)}"
-        if explicit:
-            raise capabilities.UnsupportedFeatureError(reason)
-        ctx.report.add(component.name, NAME, SKIPPED, reason)
-        return []
-    return [Step(component.name, NAME, lambda module=component.module: apply_attention(module, family))]

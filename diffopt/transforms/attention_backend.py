@@ -27,7 +27,7 @@ from ..config import is_inductor
 from ..layers import Applied, InstanceHook, Layer, attach, detach, mark, undo_all
 from ..plan import Step
 from ..report import SKIPPED
-from .attention import NAME, apply_attention, attention_modules, missing_classes
+from .attention import FAMILIES, NAME, apply_attention, attention_modules, missing_classes
 
 logger = logging.getLogger(__name__)
 
@@ -223,7 +223,7 @@ def compile_options(attention: Optional[str], options: dict) -> dict:
     return options
 
 
-def plan(component, ctx) -> List[Step]:
+def _plan_backend(component, ctx) -> List[Step]:
     """A kernel ("flash", "math", ...), flex, sage or "auto"; or any choice on a model with dispatcher layers."""
     config, report = ctx.config, ctx.report
     module, name, explicit = component.module, config.attention, config.asks_for(NAME)
@@ -272,3 +272,35 @@ def plan(component, ctx) -> List[Step]:
         return prefix + (detail or "already in place") if prefix else detail
 
     return [Step(component.name, NAME, apply)]
+
+
+def plan(ctx) -> List[Step]:
+    """The ``attention`` option: processor families on direct layers, kernels and dispatcher backends otherwise."""
+    if ctx.config.attention is None:
+        return []
+    steps = []
+    for component in ctx.components:
+        if ctx.config.attention not in FAMILIES or dispatcher_layers(component.module):
+            steps += _plan_backend(component, ctx)
+        else:
+            steps += _plan_family(component, ctx)
+    return steps
+
+
+def _plan_family(component, ctx) -> List[Step]:
+    family, explicit = ctx.config.attention, ctx.config.asks_for(NAME)
+    gate = {"sdpa": capabilities.sdpa, "xformers": capabilities.xformers}.get(family)
+    if gate is not None:
+        reason = capabilities.require_or_skip(gate(), explicit, f"attention={family!r}")
+        if reason:
+            ctx.report.add(component.name, NAME, SKIPPED, reason)
+            return []
+    missing = missing_classes(family)
+    if missing:
+        found = capabilities.installed_version("diffusers")
+        reason = f"attention={family!r}: diffusers {found} lacks {', '.join(missing)}"
+        if explicit:
+            raise capabilities.UnsupportedFeatureError(reason)
+        ctx.report.add(component.name, NAME, SKIPPED, reason)
+        return []
+    return [Step(component.name, NAME, lambda module=component.module: apply_attention(module, family))]
