@@ -20,6 +20,7 @@ import os
 import sys
 from typing import Optional
 
+from diffopt.bench.first_image import add_break_even
 from diffopt.bench.measure import CellResult
 from diffopt.bench.pipelines import LABELS, STAGES
 from diffopt.bench.recipes import REFERENCE, resolve
@@ -305,6 +306,7 @@ def _md_row(cells: list[str]) -> str:
 
 def print_tables(run: BenchRun, console=None) -> None:
     """The speed tables on the console: rich tables when rich is installed, markdown otherwise."""
+    add_break_even(run.cells)  # as in write_outputs: cells merged from several runs
     try:
         from rich.console import Console
         from rich.table import Table
@@ -352,6 +354,7 @@ def write_json(run: BenchRun, out_dir: str) -> str:
 
 def write_outputs(run: BenchRun, out_dir: str) -> dict[str, Optional[str]]:
     """Write results.json, results.md and speedup.png into ``out_dir``; returns the paths (None if skipped)."""
+    add_break_even(run.cells)  # a merged run (benchmarks/merge_runs.py) may pair cells with another run's sdpa
     paths: dict[str, Optional[str]] = {"json": write_json(run, out_dir)}
     paths["markdown"] = os.path.join(out_dir, "results.md")
     with open(paths["markdown"], "w") as handle:
