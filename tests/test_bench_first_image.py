@@ -99,6 +99,8 @@ def test_time_to_first_image_table_and_json_round_trip(run, tmp_path, capsys):
     assert "## Time to first image (batch size: 1), seconds" in markdown
     assert "(batch 2)" in markdown and "break-even images vs sdpa" in markdown
     assert "warm first call s" not in output.first_image_header(run)  # no --warm-start: no warm columns
+    if paths["first image chart"]:  # None without matplotlib
+        assert os.path.getsize(paths["first image chart"]) > 0
     data = json.load(open(paths["json"]))
     assert data["settings"]["warm_start"] is False
     cell = data["cells"][0]

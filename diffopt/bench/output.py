@@ -1,4 +1,5 @@
-"""What a benchmark run writes: console tables, results.md, results.json, speedup.png, and the progress bar.
+"""What a benchmark run writes: console tables, results.md, results.json, speedup.png, first_image.png, and the
+progress bar.
 
 After the speed tables, a time-to-first-image table per batch size: a row per pipeline and recipe with the recipe's
 optimize time, cold first call, their sum, the first call at the next batch size, the steady seconds per call and
@@ -360,7 +361,55 @@ def write_outputs(run: BenchRun, out_dir: str) -> dict[str, Optional[str]]:
     with open(paths["markdown"], "w") as handle:
         handle.write(to_markdown(run))
     paths["chart"] = plot_speedups(run, os.path.join(out_dir, "speedup.png"))
+    paths["first image chart"] = plot_first_image(run, os.path.join(out_dir, "first_image.png"))
     return paths
+
+
+def time_to_first_image(cell: CellResult, warm: bool = False) -> Optional[float]:
+    """optimize + the stages' first calls (cold, or of the --warm-start process); None when not measured."""
+    optimize = cell.warm_optimize_s if warm else cell.optimize_s
+    first = _stage_sum(cell, "warm_first_call_s" if warm else "first_call_s") if cell.stages else None
+    return None if optimize is None or first is None else optimize + first
+
+
+def plot_first_image(run: BenchRun, path: str) -> Optional[str]:
+    """Horizontal bars of the time to the first image per pipeline, batch size and recipe: cold, and in a new
+    process after --warm-start. None (silently: speedup.png already says why) without matplotlib or data."""
+    bars = [(f"{_row_label(run, cell.pipeline, cell.batch_size)}, batch {cell.batch_size}: {cell.recipe}",
+             time_to_first_image(cell), time_to_first_image(cell, warm=True))
+            for cell in run.cells if time_to_first_image(cell) is not None]  # fmt: skip
+    if not bars:
+        return None
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    figure, axis = plt.subplots(figsize=(9, 0.5 * len(bars) + 1.5))
+    positions = range(len(bars))
+    has_warm = any(warm is not None for _, _, warm in bars)
+    height = 0.4 if has_warm else 0.8
+    axis.barh([p - height / 2 * has_warm for p in positions], [cold for _, cold, _ in bars], height,
+              label="cold (this process, empty caches)")
+    if has_warm:
+        warm_values = [warm or 0.0 for _, _, warm in bars]
+        axis.barh([p + height / 2 for p in positions], warm_values, height,
+                  label="new process: empty torch caches, diffopt's saved compile (--warm-start)")
+        # Below the axes, as in speedup.png: inside, it would cover the longest bars.
+        axis.legend(loc="upper center", bbox_to_anchor=(0.5, -0.25), ncol=2)
+    values = [v for _, cold, warm in bars for v in (cold, warm) if v]
+    if values and max(values) > 100 * min(values):  # eager's tenths of a second next to a minute of compile
+        axis.set_xscale("log")
+    axis.set_yticks(list(positions))
+    axis.set_yticklabels([label for label, _, _ in bars])
+    axis.invert_yaxis()
+    axis.set_xlabel("seconds from optimize to the first image (optimize + first call)")
+    axis.set_title(run.environment.get("gpu") or run.environment.get("device", ""))
+    figure.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(figure)
+    return path
 
 
 def plot_speedups(run: BenchRun, path: str) -> Optional[str]:
