@@ -130,6 +130,11 @@ def run_benchmark(settings: BenchSettings, progress=None, argv: Optional[list[st
     Ctrl-C (KeyboardInterrupt) inside a cell ends the run after that cell, whose finished stages are kept (an IF
     cell stopped in stage III still has stages I and II); in an eager reference, it ends the run with the cells
     so far. Either way the run is returned, with ``interrupted`` saying where it stopped.
+
+    Time to the first image: every cell but those of the last batch size also times one call at the next batch
+    size on its optimized pipeline; cells of compiling recipes run with temporary compile caches of their own
+    (:func:`diffopt.bench.first_image.isolated_caches`), and with ``warm_start`` are followed by a new process
+    that loads what they saved; ``break_even_images`` is set on every cell at the end.
     """
     settings = settings.resolved()
     recipes = [resolve(spec) for spec in settings.recipes]  # fail before an hour of work, not during it
