@@ -117,6 +117,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:  # fmt: skip
                         help=f"timed calls per stage; steps/s uses their median ({_default('repeats')})")
     parser.add_argument("--stages", type=_comma_list(str), default=None,
                         help=f"time only these stages of a multi-stage pipeline ({_STAGE_CHOICES}; default: all)")
+    parser.add_argument("--warm-start", action="store_true", default=False,
+                        help="after each cell of a compiling recipe, apply the recipe again in a new process with "
+                             "empty inductor and triton caches and the diffopt compile cache (DIFFOPT_CACHE_DIR) "
+                             "that cell filled, and report its time to the first image next to the cold one; each "
+                             "cell's caches are temporary directories (default: off)")
     parser.add_argument("--out", default=DEFAULT_OUT, help=f"output directory (default: {DEFAULT_OUT})")
 
 
@@ -135,6 +140,7 @@ def settings_from(args: argparse.Namespace) -> BenchSettings:
         warmup=args.warmup,
         repeats=args.repeats,
         stages=args.stages,
+        warm_start=getattr(args, "warm_start", False),
     )
 
 

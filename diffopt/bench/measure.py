@@ -7,7 +7,12 @@ Method, the same for every cell so that numbers compare:
   each call is the whole pipeline ``__call__`` with ``output_type="latent"`` (``"pt"`` for IF I/II, which have
   no VAE), under ``torch.inference_mode``, between two ``torch.cuda.synchronize``;
 * steps/s = denoising steps / median seconds of those calls; end-to-end seconds = one more call that also
-  decodes to PIL images.
+  decodes to PIL images;
+* the recipe's own time (``optimize_s``: ``diffopt.optimize``, or wrapping in ``torch.compile``) is timed apart from
+  the build; time to the first image = ``optimize_s`` + the first calls of the stages;
+* when the run has a next batch size, one more call at that batch size on the same optimized pipeline, after
+  everything else of the cell (so that it changes neither the timed calls nor the peak memory): the "new shape"
+  first call, what a user pays (a recompile, for compiled recipes) the first time a new batch size comes in.
 
 The reference (:func:`probe`) is an eager pipeline with diffusers' defaults, run once per pipeline x batch size:
 it counts the steps the pipeline really runs (img2img runs ``strength`` x steps), counts the FLOPs of one step
@@ -58,6 +63,12 @@ class StageResult:
     median_s: float
     steps_per_s: float
     end_to_end_s: Optional[float] = None
+    #: The first call at the run's next batch size on the same optimized pipeline (no rebuild), and that size;
+    #: None for the last batch size and for stages that always run at batch 1 (IF's upscalers).
+    new_shape_batch_size: Optional[int] = None
+    new_shape_first_call_s: Optional[float] = None
+    #: --warm-start: the first call in a new process that loaded what this cell's compile saved.
+    warm_first_call_s: Optional[float] = None
     flops_per_step: Optional[float] = None
     mfu: Optional[float] = None
     relative_l2: Optional[float] = None
@@ -74,9 +85,19 @@ class CellResult:
     error: Optional[str] = None
     traceback: Optional[str] = None
     build_s: Optional[float] = None
+    #: Seconds the recipe took to apply (diffopt.optimize, torch.compile wrapping), every stage together.
+    optimize_s: Optional[float] = None
     peak_memory_bytes: Optional[int] = None
     notes: list[str] = field(default_factory=list)
     stages: list[StageResult] = field(default_factory=list)
+    #: Images after which this recipe's total time is below eager sdpa's (see diffopt.bench.first_image); None
+    #: when it never is, or when the run has no eager sdpa cell of the same pipeline and batch size.
+    break_even_images: Optional[int] = None
+    #: --warm-start: the recipe applied again in a new process with empty inductor and triton caches and the
+    #: compile cache this cell filled (its first calls are the stages' ``warm_first_call_s``), or why that failed.
+    warm_optimize_s: Optional[float] = None
+    warm_error: Optional[str] = None
+    warm_break_even_images: Optional[int] = None
 
     @property
     def ok(self) -> bool:
@@ -207,9 +228,17 @@ class _Phase:
 
 
 def measure_cell(
-    pipeline: str, batch_size: int, recipe: Recipe, settings: CellSettings, reference: Optional[Reference] = None
+    pipeline: str,
+    batch_size: int,
+    recipe: Recipe,
+    settings: CellSettings,
+    reference: Optional[Reference] = None,
+    next_batch_size: Optional[int] = None,
 ) -> CellResult:
     """Build ``pipeline``, apply ``recipe`` and time it; any exception (OOM included) is recorded in the cell.
+
+    ``next_batch_size``: after the cell's own calls, time one call at this batch size on the same pipeline (the
+    stages' ``new_shape_first_call_s``); its failure is a note, not the cell's failure.
 
     Example:
         >>> from diffopt.bench.recipes import resolve
@@ -227,16 +256,21 @@ def measure_cell(
         case = settings.build(pipeline)
         cell.build_s = time.perf_counter() - start
         phase.name = "recipe"
+        start = time.perf_counter()
         for stage in case.stages:
             note = recipe.apply(stage.pipe)
             if note:
                 cell.notes.append(f"{stage.label}: {note}" if stage.label else str(note))
+        sync(device)
+        cell.optimize_s = time.perf_counter() - start
         reset_peak_memory(device)
         references = reference.stages if reference is not None and not reference.error else []
         for index, stage in enumerate(case.stages):
             stage_reference = references[index] if index < len(references) else None
             cell.stages.append(_measure_stage(stage, batch_size, settings, stage_reference, phase))
         cell.peak_memory_bytes = peak_memory_bytes(device)
+        if next_batch_size is not None:
+            _measure_new_shape(case, cell, next_batch_size, device, phase)
     # A failing cell (OOM included) must not end the run; Ctrl-C ends it, but keeps the stages this cell finished.
     except (Exception, KeyboardInterrupt) as error:  # noqa: BLE001
         cell.status = _status(error)
@@ -280,6 +314,22 @@ def _measure_stage(stage, batch_size, settings: CellSettings, reference: Optiona
         psnr_db=psnr(pixels(decoded), reference.image if reference else None),
         ssim=ssim(pixels(decoded), reference.image if reference else None, device=device),
     )
+
+
+def _measure_new_shape(case: BenchCase, cell: CellResult, batch_size: int, device: torch.device, phase: _Phase):
+    """One call per stage at ``batch_size`` on the pipelines the cell already optimized and ran."""
+    for stage, result in zip(case.stages, cell.stages):
+        batch = _batch(stage, batch_size)
+        if batch == result.batch_size:  # a stage that always runs at batch 1: no new shape
+            continue
+        phase.name = f"new-shape call at batch {batch}" + (f" (stage {stage.label})" if stage.label else "")
+        try:
+            result.new_shape_first_call_s, _ = _timed(stage, batch, stage.timed_output, device)
+            result.new_shape_batch_size = batch
+        except Exception as error:  # noqa: BLE001 - the cell's own numbers stand; an OOM at batch 16 is a note
+            cell.notes.append(_describe(error, phase.name))
+            free_memory(device)
+            return
 
 
 def _status(error: BaseException) -> str:

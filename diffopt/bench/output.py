@@ -1,4 +1,9 @@
-"""What a benchmark run writes: console tables, results.md, results.json, speedup.png, and the progress bar.
+"""What a benchmark run writes: console tables, results.md, results.json, speedup.png, first_image.png, and the
+progress bar.
+
+After the speed tables, a time-to-first-image table per batch size: a row per pipeline and recipe with the recipe's
+optimize time, cold first call, their sum, the first call at the next batch size, the steady seconds per call and
+the break-even image count against eager sdpa (with ``--warm-start``, the same from a new process).
 
 The tables look like those of the diffusers 'PyTorch 2.0' docs page: one per batch size, a row per pipeline, a column per recipe, steps/s
 in the cells (one per stage for IF, whose row label names the stages) or what went wrong ("OOM after warmup"). rich and
@@ -16,6 +21,7 @@ import os
 import sys
 from typing import Optional
 
+from diffopt.bench.first_image import add_break_even
 from diffopt.bench.measure import CellResult
 from diffopt.bench.pipelines import LABELS, STAGES
 from diffopt.bench.recipes import REFERENCE, resolve
@@ -151,6 +157,76 @@ def quality_rows(run: BenchRun, batch_size: int) -> list[list[str]]:
     return rows
 
 
+def has_warm_start(run: BenchRun) -> bool:
+    return bool(getattr(run.settings, "warm_start", False)) or any(
+        cell.warm_optimize_s is not None or cell.warm_error for cell in run.cells
+    )
+
+
+def first_image_header(run: BenchRun) -> list[str]:
+    """The time-to-first-image table's columns; the warm ones only for a --warm-start run."""
+    header = ["Pipeline", "Recipe", "optimize s", "first call s", "to first image s", "new batch first call s",
+              "steady s/call", f"break-even images vs {REFERENCE}"]  # fmt: skip
+    if has_warm_start(run):
+        header += ["warm optimize s", "warm first call s", "warm to first image s", "warm break-even images"]
+    return header
+
+
+def _stage_sum(cell: CellResult, field: str) -> Optional[float]:
+    values = [getattr(stage, field) for stage in cell.stages]
+    return sum(values) if values and all(value is not None for value in values) else None
+
+
+def _break_even(value: Optional[int]) -> str:
+    return "-" if value is None else str(value)
+
+
+def first_image_rows(run: BenchRun, batch_size: int) -> list[list[str]]:
+    """A row per pipeline and recipe: the recipe's time (optimize), its cold first call (summed over the stages),
+    their sum (time to the first image), the first call at the run's next batch size on the same pipeline, the
+    steady seconds per call (median), and after how many images it has cost less than eager sdpa ("-": never,
+    or no sdpa cell); with --warm-start, the same in a new process that loaded the saved compile."""
+    grid, recipes, warm = _grid(run), _recipes(run), has_warm_start(run)
+    rows = []
+    for pipeline in run.settings.pipelines:
+        cells = grid.get((pipeline, batch_size), {})
+        for recipe in recipes:
+            cell = cells.get(recipe)
+            if cell is None:
+                continue
+            label = _row_label(run, pipeline, batch_size)
+            if not cell.ok and not cell.stages:
+                rows.append([label, recipe] + ["-"] * (len(first_image_header(run)) - 3) + [cell.error or cell.status])
+                continue
+            first = _stage_sum(cell, "first_call_s")
+            to_image = first + (cell.optimize_s or 0.0) if first is not None else None
+            # IF's upscalers always run at batch 1: the stages that met a new shape are those that count.
+            new = [stage for stage in cell.stages if stage.new_shape_first_call_s is not None]
+            new_shape_text = "-"
+            if new:
+                seconds = sum(stage.new_shape_first_call_s for stage in new)
+                new_shape_text = f"{seconds:.2f} (batch {new[0].new_shape_batch_size})"
+            row = [label, recipe, _number(cell.optimize_s, "{:.2f}"), _number(first, "{:.2f}"),
+                   _number(to_image, "{:.2f}"), new_shape_text, _number(_stage_sum(cell, "median_s"), "{:.3f}"),
+                   _break_even(cell.break_even_images)]  # fmt: skip
+            if warm:
+                warm_first = _stage_sum(cell, "warm_first_call_s")
+                warm_to_image = warm_first + cell.warm_optimize_s if warm_first is not None and cell.warm_optimize_s is not None else None
+                if cell.warm_error:
+                    row += ["-", "-", cell.warm_error, "-"]
+                else:
+                    row += [_number(cell.warm_optimize_s, "{:.2f}"), _number(warm_first, "{:.2f}"),
+                            _number(warm_to_image, "{:.2f}"), _break_even(cell.warm_break_even_images)]  # fmt: skip
+            if not cell.ok:
+                row[-1] = f"{row[-1]} ({cell.error or cell.status})"
+            rows.append(row)
+    return rows
+
+
+def _first_image_title(run: BenchRun, batch_size: int) -> str:
+    return f"Time to first image (batch size: {batch_size}), seconds"
+
+
 def to_markdown(run: BenchRun) -> str:
     """results.md: the speed tables, the quality tables (when a recipe caches), every number of every cell, then
     the environment."""
@@ -166,6 +242,11 @@ def to_markdown(run: BenchRun) -> str:
             lines += [quality_note(run), ""]
             lines += [_md_row(["Pipeline"] + recipes), _md_row([":-:"] * (1 + len(recipes)))]
             lines += [_md_row(row) for row in quality_rows(run, batch_size)] + [""]
+    header = first_image_header(run)
+    for batch_size in run.settings.batch_sizes:
+        lines += [f"## {_first_image_title(run, batch_size)}", ""]
+        lines += [_md_row(header), _md_row([":-:"] * len(header))]
+        lines += [_md_row(row) for row in first_image_rows(run, batch_size)] + [""]
     lines += ["## Details", "", _md_row(_DETAIL_HEADER), _md_row(["---"] * len(_DETAIL_HEADER))]
     lines += [_md_row(row) for row in _detail_rows(run)]
     lines += ["", "## Environment", ""]
@@ -180,7 +261,8 @@ def to_markdown(run: BenchRun) -> str:
 
 
 _DETAIL_HEADER = [
-    "pipeline", "batch", "recipe", "stage", "steps", "steps/s", "first call s", "end-to-end s",
+    "pipeline", "batch", "recipe", "stage", "steps", "steps/s", "optimize s", "first call s",
+    "new-shape first call s", "warm first call s", "end-to-end s",
     "peak GiB", "GFLOP/step", "MFU", "rel. L2 vs sdpa", "PSNR dB vs sdpa", "SSIM vs sdpa", "status",
 ]  # fmt: skip
 
@@ -195,13 +277,20 @@ def _detail_rows(run: BenchRun) -> list[list[str]]:
         for stage in cell.stages:
             rows.append([
                 cell.pipeline, str(stage.batch_size), cell.recipe, stage.label or "-", str(stage.steps),
-                f"{stage.steps_per_s:.2f}", f"{stage.first_call_s:.2f}", _number(stage.end_to_end_s, "{:.3f}"),
+                f"{stage.steps_per_s:.2f}", _number(cell.optimize_s, "{:.2f}"), f"{stage.first_call_s:.2f}",
+                _new_shape(stage), _number(stage.warm_first_call_s, "{:.2f}"), _number(stage.end_to_end_s, "{:.3f}"),
                 peak, _number(stage.flops_per_step and stage.flops_per_step / 1e9, "{:,.1f}"),
                 _number(stage.mfu, "{:.1%}"),
                 _number(stage.relative_l2, "{:.2e}"), _number(stage.psnr_db, "{:.1f}"), _number(stage.ssim, "{:.4f}"),
                 status,
             ])  # fmt: skip
     return rows
+
+
+def _new_shape(stage) -> str:
+    if stage.new_shape_first_call_s is None:
+        return "-"
+    return f"{stage.new_shape_first_call_s:.2f} (batch {stage.new_shape_batch_size})"
 
 
 def _number(value, pattern: str) -> str:
@@ -218,6 +307,7 @@ def _md_row(cells: list[str]) -> str:
 
 def print_tables(run: BenchRun, console=None) -> None:
     """The speed tables on the console: rich tables when rich is installed, markdown otherwise."""
+    add_break_even(run.cells)  # as in write_outputs: cells merged from several runs
     try:
         from rich.console import Console
         from rich.table import Table
@@ -239,6 +329,13 @@ def print_tables(run: BenchRun, console=None) -> None:
 
     for batch_size in run.settings.batch_sizes:
         print_table(_title(run, batch_size), table_rows(run, batch_size))
+    for batch_size in run.settings.batch_sizes:
+        table = Table(title=_first_image_title(run, batch_size))
+        for column in first_image_header(run):
+            table.add_column(column, justify="left" if column in ("Pipeline", "Recipe") else "center")
+        for row in first_image_rows(run, batch_size):
+            table.add_row(*row)
+        console.print(table)
     if has_quality(run):
         for batch_size in run.settings.batch_sizes:
             title = f"Quality (batch size: {batch_size}): speed-up, PSNR, SSIM, latent rel. L2"
@@ -258,12 +355,61 @@ def write_json(run: BenchRun, out_dir: str) -> str:
 
 def write_outputs(run: BenchRun, out_dir: str) -> dict[str, Optional[str]]:
     """Write results.json, results.md and speedup.png into ``out_dir``; returns the paths (None if skipped)."""
+    add_break_even(run.cells)  # a merged run (benchmarks/merge_runs.py) may pair cells with another run's sdpa
     paths: dict[str, Optional[str]] = {"json": write_json(run, out_dir)}
     paths["markdown"] = os.path.join(out_dir, "results.md")
     with open(paths["markdown"], "w") as handle:
         handle.write(to_markdown(run))
     paths["chart"] = plot_speedups(run, os.path.join(out_dir, "speedup.png"))
+    paths["first image chart"] = plot_first_image(run, os.path.join(out_dir, "first_image.png"))
     return paths
+
+
+def time_to_first_image(cell: CellResult, warm: bool = False) -> Optional[float]:
+    """optimize + the stages' first calls (cold, or of the --warm-start process); None when not measured."""
+    optimize = cell.warm_optimize_s if warm else cell.optimize_s
+    first = _stage_sum(cell, "warm_first_call_s" if warm else "first_call_s") if cell.stages else None
+    return None if optimize is None or first is None else optimize + first
+
+
+def plot_first_image(run: BenchRun, path: str) -> Optional[str]:
+    """Horizontal bars of the time to the first image per pipeline, batch size and recipe: cold, and in a new
+    process after --warm-start. None (silently: speedup.png already says why) without matplotlib or data."""
+    bars = [(f"{_row_label(run, cell.pipeline, cell.batch_size)}, batch {cell.batch_size}: {cell.recipe}",
+             time_to_first_image(cell), time_to_first_image(cell, warm=True))
+            for cell in run.cells if time_to_first_image(cell) is not None]  # fmt: skip
+    if not bars:
+        return None
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    figure, axis = plt.subplots(figsize=(9, 0.5 * len(bars) + 1.5))
+    positions = range(len(bars))
+    has_warm = any(warm is not None for _, _, warm in bars)
+    height = 0.4 if has_warm else 0.8
+    axis.barh([p - height / 2 * has_warm for p in positions], [cold for _, cold, _ in bars], height,
+              label="cold (this process, empty caches)")
+    if has_warm:
+        warm_values = [warm or 0.0 for _, _, warm in bars]
+        axis.barh([p + height / 2 for p in positions], warm_values, height,
+                  label="new process: empty torch caches, diffopt's saved compile (--warm-start)")
+        # Below the axes, as in speedup.png: inside, it would cover the longest bars.
+        axis.legend(loc="upper center", bbox_to_anchor=(0.5, -0.25), ncol=2)
+    values = [v for _, cold, warm in bars for v in (cold, warm) if v]
+    if values and max(values) > 100 * min(values):  # eager's tenths of a second next to a minute of compile
+        axis.set_xscale("log")
+    axis.set_yticks(list(positions))
+    axis.set_yticklabels([label for label, _, _ in bars])
+    axis.invert_yaxis()
+    axis.set_xlabel("seconds from optimize to the first image (optimize + first call)")
+    axis.set_title(run.environment.get("gpu") or run.environment.get("device", ""))
+    figure.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(figure)
+    return path
 
 
 def plot_speedups(run: BenchRun, path: str) -> Optional[str]:

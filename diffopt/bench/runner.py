@@ -12,6 +12,8 @@ from __future__ import annotations
 import copy
 import json
 import os
+import shutil
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Optional
@@ -19,6 +21,7 @@ from typing import Optional
 import torch
 
 from diffopt.bench.env import environment, matmul_peak_flops
+from diffopt.bench.first_image import add_break_even, isolated_caches, record_warm, warm_first_call
 from diffopt.bench.measure import (
     CellResult,
     CellSettings,
@@ -67,6 +70,9 @@ class BenchSettings:
     repeats: Optional[int] = None
     #: Only these stages of multi-stage pipelines (IF); None: all of them.
     stages: Optional[list[str]] = None
+    #: After each cell of a compiling recipe, apply the recipe again in a new process with empty inductor and
+    #: triton caches and the diffopt compile cache the cell filled, and time its first call.
+    warm_start: bool = False
 
     def resolved(self) -> "BenchSettings":
         """A copy with the :data:`DEFAULTS` of its device type filled in (CUDA's on CUDA, the CPU's elsewhere)."""
@@ -124,6 +130,11 @@ def run_benchmark(settings: BenchSettings, progress=None, argv: Optional[list[st
     Ctrl-C (KeyboardInterrupt) inside a cell ends the run after that cell, whose finished stages are kept (an IF
     cell stopped in stage III still has stages I and II); in an eager reference, it ends the run with the cells
     so far. Either way the run is returned, with ``interrupted`` saying where it stopped.
+
+    Time to the first image: every cell but those of the last batch size also times one call at the next batch
+    size on its optimized pipeline; cells of compiling recipes run with temporary compile caches of their own
+    (:func:`diffopt.bench.first_image.isolated_caches`), and with ``warm_start`` are followed by a new process
+    that loads what they saved; ``break_even_images`` is set on every cell at the end.
     """
     settings = settings.resolved()
     recipes = [resolve(spec) for spec in settings.recipes]  # fail before an hour of work, not during it
@@ -144,7 +155,8 @@ def run_benchmark(settings: BenchSettings, progress=None, argv: Optional[list[st
     )
     start = time.perf_counter()
     run = BenchRun(settings, environment(device, argv), matmul_peak_flops(device, cell_settings.dtype), [], [])
-    progress.start(len(settings.pipelines) * (1 + len(settings.batch_sizes) * len(recipes)))
+    warm = sum(recipe.compiles for recipe in recipes) if settings.warm_start else 0
+    progress.start(len(settings.pipelines) * (1 + len(settings.batch_sizes) * (len(recipes) + warm)))
     where = "before the first cell"
     try:
         for pipeline in settings.pipelines:
@@ -154,22 +166,54 @@ def run_benchmark(settings: BenchSettings, progress=None, argv: Optional[list[st
             run.references.extend(references)
             progress.end()
             where = f"between cells of {pipeline}"
-            for reference in references:
+            for index, reference in enumerate(references):
+                # The next batch size's first call on this cell's pipeline: the cost of a new shape.
+                following = references[index + 1].batch_size if index + 1 < len(references) else None
                 for recipe in recipes:
                     progress.begin(f"{pipeline} batch {reference.batch_size}: {recipe.name}")
-                    cell = measure_cell(pipeline, reference.batch_size, recipe, cell_settings, reference)
+                    cell = _cell(pipeline, reference, recipe, cell_settings, following, settings.warm_start, progress)
                     if not recipe.caches:  # a cached step does a fraction of the counted FLOPs: MFU would overstate
                         add_mfu(cell, run.matmul_peak_flops)
                     run.cells.append(cell)
                     run.wall_s = time.perf_counter() - start
                     progress.end()
-                    if cell.status == "interrupted":
-                        run.interrupted = f"{cell.error}, batch {cell.batch_size} of {pipeline}, recipe {recipe.name}"
+                    if cell.status == "interrupted" or cell.warm_error == WARM_INTERRUPTED:
+                        run.interrupted = f"{cell.error or cell.warm_error}, batch {cell.batch_size} of {pipeline}, recipe {recipe.name}"
+                        add_break_even(run.cells)
                         return run
     except KeyboardInterrupt:  # outside a cell: nothing of it to keep
         run.interrupted = f"interrupted in {where}"
+    add_break_even(run.cells)
     run.wall_s = time.perf_counter() - start
     return run
+
+
+WARM_INTERRUPTED = "interrupted in the warm start"
+
+
+def _cell(pipeline, reference, recipe, cell_settings, following, warm_start, progress) -> CellResult:
+    """One cell; a compiling recipe's with compile caches of its own (a cold first call, the user's caches left
+    alone) and, with ``warm_start``, then again in a new process that loads what the cell's compile saved."""
+    if not recipe.compiles:
+        return measure_cell(pipeline, reference.batch_size, recipe, cell_settings, reference, following)
+    root = tempfile.mkdtemp(prefix="diffopt-bench-")
+    try:
+        with isolated_caches(root):
+            cell = measure_cell(pipeline, reference.batch_size, recipe, cell_settings, reference, following)
+        if warm_start:
+            progress.end()
+            progress.begin(f"{pipeline} batch {reference.batch_size}: {recipe.name}, warm start in a new process")
+            if cell.ok:
+                try:
+                    warm = warm_first_call(pipeline, reference.batch_size, recipe.name, cell_settings, root)
+                except KeyboardInterrupt:  # the cold cell is complete: keep it, and end the run after it
+                    warm = {"error": WARM_INTERRUPTED}
+                record_warm(cell, warm)
+            else:
+                cell.warm_error = "no warm start: the cold cell failed"
+        return cell
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def load_run(path: str) -> BenchRun:
