@@ -16,6 +16,8 @@ Example::
 """
 from __future__ import annotations
 
+import os
+
 import importlib.metadata
 from typing import Callable
 
@@ -75,4 +77,16 @@ def print_env() -> int:
     width = max(len(name) for name, _ in found)
     for name, answer in found:
         print(f"{name:<{width}}  {answer}")
+    print(f"{'compile_cache':<{width}}  {compile_cache_line()}")
     return 0
+
+
+def compile_cache_line() -> str:
+    """Where saved compiles go by default, and how many entries are there."""
+    from diffopt.compile_cache import ENV_VAR, resolve_directory
+
+    directory = resolve_directory(None)
+    if directory is None:
+        return f"off ({ENV_VAR}={os.environ.get(ENV_VAR, '')!r})"
+    entries = len(list(directory.glob("*/meta.json"))) if directory.is_dir() else 0
+    return f"{directory} ({entries} saved compiles; move it with {ENV_VAR}, disable with {ENV_VAR}=off)"

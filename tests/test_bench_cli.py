@@ -276,6 +276,16 @@ def test_version_and_env_commands(capsys):
         assert re.search(rf"^{re.escape(option)} +(yes|no: |picks |unknown: )", out, re.MULTILINE), option
     if not torch.cuda.is_available():  # fp8 needs a CUDA card of compute capability 8.9: its reason must say so
         assert re.search(r"^quantize=fp8 +no: .*compute capability", out, re.MULTILINE)
+    # The suite runs with DIFFOPT_CACHE_DIR=off (conftest): env says the compile cache is off, and why.
+    assert re.search(r"^compile_cache +off \(DIFFOPT_CACHE_DIR='off'\)", out, re.MULTILINE)
+
+
+def test_env_names_the_compile_cache_directory(monkeypatch, tmp_path, capsys):
+    monkeypatch.setenv("DIFFOPT_CACHE_DIR", str(tmp_path))
+    (tmp_path / "entry").mkdir()
+    (tmp_path / "entry" / "meta.json").write_text("{}")
+    assert main(["env"]) == 0
+    assert re.search(rf"^compile_cache +{re.escape(str(tmp_path))} \(1 saved compiles", capsys.readouterr().out, re.MULTILINE)
 
 
 def test_env_prints_a_failing_gate_instead_of_crashing(monkeypatch, capsys):

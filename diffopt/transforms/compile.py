@@ -187,7 +187,7 @@ class CompiledCall(Layer):
         if first:
             saved = self.cache is not None and self.cache.loaded.status == "loaded"
             logger.warning("diffopt: compiling %s with torch.compile (first call; %s)...", self.name,
-                           "from the saved compile, seconds" if saved else "a minute or more on a GPU")  # fmt: skip
+                           "from the saved compile" if saved else "a minute or more for a full-size model")  # fmt: skip
         graphs, started = _graphs_compiled(), time.perf_counter()
         with _recompile_limit(RECOMPILE_LIMIT):
             if hook is None or "_old_forward" not in vars(module):
