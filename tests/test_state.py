@@ -236,3 +236,22 @@ def test_a_cached_model_refuses_a_second_thread_during_a_call():
     assert errors and "another thread" in errors[0]
     with torch.no_grad():
         pipe.unet(**inputs)  # between calls any thread may run it
+
+
+def test_sequential_offload_added_after_optimize_runs_uncompiled_with_a_warning(caplog):
+    import logging
+
+    accelerate = pytest.importorskip("accelerate")
+    unet = tiny_unet()
+    inputs = unet_inputs(unet)
+    with torch.no_grad():
+        eager = unet(**inputs).sample
+    diffopt.optimize(unet, compile={"backend": "eager"}, memory_format=None)
+    accelerate.cpu_offload(unet, execution_device="cpu")
+    with torch.no_grad(), caplog.at_level(logging.WARNING, logger="diffopt"):
+        out = unet(**inputs).sample
+        unet(**inputs)
+    assert torch.allclose(out, eager, atol=1e-5)
+    warnings = [r.getMessage() for r in caplog.records if "running it uncompiled" in r.getMessage()]
+    assert len(warnings) == 1 and "sequential CPU offload" in warnings[0]
+    assert not any(name.startswith("_diffopt") and name != "_diffopt_layers" for name in vars(unet))

@@ -162,7 +162,7 @@ class CompiledCall(Layer):
         self.cache = cache  # a compile_cache.Entry, or None
         self.compiled = torch.compile(own_entry(module), **self.options)
         self.offloaded = None  # compiled lazily, the first time an offload hook is found
-        self.calls = 0
+        self.calls, self.warned = 0, False
         self.detail = describe(self.options) + "".join([
             ", dynamic batch" if dynamic_batch else "",
             ", new CUDA-graph step per call" if new_step else "",
@@ -195,7 +195,10 @@ class CompiledCall(Layer):
             elif _is_model_offload(hook):
                 output = self._offloaded_call(hook, args, kwargs)
             else:
-                _warn_once(module, offload_blocker(module) or f"{type(hook).__name__} on {self.name}")
+                if not self.warned:  # once per compiled call, and nothing left on the module
+                    self.warned = True
+                    why = offload_blocker(module) or f"{type(hook).__name__} on {self.name}"
+                    logger.warning("diffopt: %s; running it uncompiled", why)
                 output = module._call_impl(*args, **kwargs)
         if first or _graphs_compiled() != graphs:
             self._compiled(first, time.perf_counter() - started)
@@ -271,12 +274,6 @@ class _recompile_limit:
     def __exit__(self, *exc):
         setattr(torch._dynamo.config, self.name, self.before)
         return False
-
-
-def _warn_once(module, why: str) -> None:
-    if not vars(module).get("_diffopt_warned_offload"):
-        logger.warning("diffopt: %s; running it uncompiled", why)
-        vars(module)["_diffopt_warned_offload"] = True
 
 
 def apply_compile(module, options, new_step=False, dynamic_batch=False, scalars_to=None, name=None, cache=None):
