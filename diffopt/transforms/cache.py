@@ -36,6 +36,8 @@ from ..config import DeepCache, FirstBlockCache
 from ..layers import Applied, InstanceHook, Layer, attach, detach, find, layers_of, mark, undo_all
 from ..plan import Step
 from ..report import SKIPPED
+from . import compile as compile_transform
+from .compile import describe, mark_batch_dynamic
 
 NAME = "cache"
 # The instance attributes diffusers' cache hooks leave behind after disable_cache(); removed on undo if new.
@@ -343,8 +345,6 @@ class _CompiledBlock(InstanceHook):
         self.compiled, self.dynamic_batch = function, dynamic_batch
 
     def around(self, *args, **kwargs):
-        from .compile import mark_batch_dynamic
-
         if self.dynamic_batch:  # as compile does for whole models: one graph for every batch size
             mark_batch_dynamic(args, kwargs)
         return self.compiled(self.owner, *args, **kwargs)
@@ -363,8 +363,6 @@ def apply_block_compile(model: torch.nn.Module, options: Dict[str, Any], dynamic
     ``forward`` is compiled once and takes the block as an argument, so blocks of one class share one graph
     instead of counting against dynamo's recompile limit one by one (Flux has 38 single blocks).
     """
-    from .compile import describe
-
     blocks = transformer_blocks(model)
     if not blocks:
         return None
@@ -425,8 +423,6 @@ def apply_first_block_cache(model: torch.nn.Module, threshold: float, clock: Ste
 
 
 def plan(ctx) -> List[Step]:
-    from . import compile as compile_transform
-
     config, target = ctx.config, ctx.target
     if config.cache is None:
         return []

@@ -17,6 +17,7 @@ import torch
 
 from .. import capabilities
 from ..components import CONTROLNET, DENOISER, Component, execution_device
+from ..config import takes_mode
 from ..layers import ATTR as LAYERS
 from ..layers import Applied, Layer, attach, mark
 from ..report import SKIPPED
@@ -320,8 +321,7 @@ def options_for(component: Component, ctx, report=None, block_cached: bool = Fal
     options = default_options(device)
     if not isinstance(config.compile, bool):  # a dict of torch.compile options over the defaults
         user = dict(config.compile)
-        # torch.compile takes a mode or inductor options, never both, and modes mean nothing to other backends.
-        if "mode" not in user and ("options" in user or user.get("backend", "inductor") != "inductor"):
+        if "mode" not in user and not takes_mode(user):  # the default mode gives way (config.takes_mode)
             options.pop("mode", None)
         options.update(user)
     if getattr(module, "_hf_hook", None) is not None and uses_cuda_graphs(options):
