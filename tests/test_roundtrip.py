@@ -253,3 +253,38 @@ def test_memory_format_preserve_or_none_touches_no_stride(setting):
     assert {k: v.stride() for k, v in pipe.unet.state_dict().items()} == strides
     diffopt.restore(pipe)
     assert {k: v.stride() for k, v in pipe.unet.state_dict().items()} == strides
+
+
+def test_compile_vae_without_compile_leaves_the_decoder_contiguous_unless_named():
+    pipe = sd_pipeline()
+    report = diffopt.optimize(pipe, compile=False, compile_vae=True)
+    (row,) = [s for s in report.steps if (s.component, s.transform) == ("vae.decoder", "memory_format")]
+    assert row.status == "skipped" and "eager decoding is slower in channels_last" in row.detail
+    assert all(p.is_contiguous() for p in pipe.vae.decoder.parameters())
+
+    report = diffopt.optimize(pipe, compile=False, compile_vae=True, memory_format="channels_last")
+    assert ("vae.decoder", "memory_format") in {(s.component, s.transform) for s in report.applied}
+    diffopt.restore(pipe)
+    assert all(p.is_contiguous() for p in pipe.vae.decoder.parameters())
+
+
+def test_the_vae_decoder_compiles_without_cuda_graphs_unless_a_mode_is_named(monkeypatch):
+    from diffopt.api import _plan
+    from diffopt.config import OptimizeConfig
+    from diffopt.report import Report
+    from diffopt.transforms import compile as compile_transform
+
+    # Plan as on a GPU: only the device decides the default mode, nothing is applied.
+    monkeypatch.setattr(compile_transform, "execution_device", lambda module: torch.device("cuda"))
+    pipe, real, ctx_options = sd_pipeline(), compile_transform.options_for, {}
+
+    def spy(component, ctx, report=None, block_cached=False):
+        ctx_options[component.name] = real(component, ctx, report, block_cached)
+        return ctx_options[component.name]
+
+    monkeypatch.setattr(compile_transform, "options_for", spy)
+    for compile_option, vae_mode in ((True, None), ({"mode": "reduce-overhead"}, "reduce-overhead")):
+        config = OptimizeConfig.from_options(compile=compile_option, compile_vae=True, cpu_timesteps=False)
+        _plan(pipe, config, Report("optimize"))
+        assert ctx_options["unet"].get("mode") == "reduce-overhead"
+        assert ctx_options["vae.decoder"].get("mode") == vae_mode
