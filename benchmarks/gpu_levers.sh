@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 4 lever sweep on the GPU host: the anchor's baseline and each lever, one process each, one run.
+# Lever sweep: the baseline script and each lever of benchmarks/levers.py, one process each, in one run.
 # Usage on the device (wheels from ../shared/gpu/prepare-wheels.sh carried in .whl/):  bash benchmarks/gpu_levers.sh BATCH VARIANTS...
 set -u
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
