@@ -152,9 +152,6 @@ def test_chart_falls_back_to_the_docs_recipe_and_is_skipped_without_any_baseline
 
 
 def test_diffopt_recipe_calls_optimize_and_keeps_its_report():
-    diffopt = pytest.importorskip("diffopt")
-    if not hasattr(diffopt, "optimize"):
-        pytest.skip("diffopt core not present")
     run = run_benchmark(BenchSettings(pipelines=["sd-txt2img"], recipes=["sdpa", "diffopt-nocompile"], **QUICK))
     cell = _cell(run, "sd-txt2img", 1, "diffopt-nocompile")
     assert cell.ok, cell.error
