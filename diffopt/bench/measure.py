@@ -83,7 +83,8 @@ class StageResult:
     #: wrappers: ``decode_s`` in ``vae.decode`` (None without a VAE: IF stages I and II), ``postprocess_s`` in
     #: turning the decoded tensor into PIL images, and ``loop_s`` everything else in the call, the call's
     #: seconds minus those two: the denoising loop, and also input checks, preparing the prompt embeddings and
-    #: latents, scheduler set-up and the pipeline's other host work.
+    #: latents, scheduler set-up and the pipeline's other host work; in fp16, SDXL's and the x4 upscaler's casts
+    #: of the VAE to float32 and back around the decode (diffusers' ``force_upcast``) too.
     loop_s: Optional[float] = None
     decode_s: Optional[float] = None
     postprocess_s: Optional[float] = None

@@ -175,7 +175,8 @@ END_TO_END_NOTE = (
     "A call from `pipe(...)` to PIL images, median of the timed calls; IF: per stage, each stage's own call "
     "(I / II / III). Split, medians of separate calls: decode = `vae.decode` (none in IF stages I and II), "
     "post-processing = tensor to PIL images (IF I and II: `numpy_to_pil`), loop = the rest of the call (denoising "
-    "loop, input and latent preparation, scheduler and host work). "
+    "loop, input and latent preparation, scheduler and host work; SDXL's and the x4 upscaler's fp16 VAE casts to "
+    "float32 and back). "
     "Speed-up: the baseline's end-to-end seconds (summed over the stages) over the recipe's."
 )
 
