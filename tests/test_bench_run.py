@@ -70,6 +70,7 @@ def test_every_cell_is_measured_or_records_its_failure(run):
                 assert len(stage.times_s) == 2 and stage.flops_per_step > 0
                 assert stage.relative_l2 == pytest.approx(0.0, abs=1e-6)  # same build, same seed as the reference
                 assert stage.psnr_db > 60  # decoded images: the same pixels, or within a rounding of them
+                _assert_end_to_end_measured(stage)
             # Classic attention computes the same function: small but nonzero difference.
             assert all(0 < stage.relative_l2 < 1e-3 for stage in classic.stages)
             broken = _cell(run, pipeline, batch_size, "broken")
@@ -80,6 +81,16 @@ def test_every_cell_is_measured_or_records_its_failure(run):
     assert _cell(run, "if", 2, "oom").error == "OOM after warmup (stage I)"
     # IF runs its upscalers at batch 1 whatever the batch size, like the docs page.
     assert [s.batch_size for s in _cell(run, "if", 2, "sdpa").stages] == [2, 1, 1]
+
+
+def _assert_end_to_end_measured(stage):
+    """Two timed calls to PIL images and their median; the split of two more, with a decode wherever the
+    stage's pipeline has a VAE (not IF's stages I and II) and a post-processing step in every pipeline."""
+    assert len(stage.end_to_end_times_s) == 2
+    assert stage.end_to_end_s == pytest.approx(sum(stage.end_to_end_times_s) / 2)
+    assert stage.first_decode_call_s > 0 and stage.loop_s > 0 and stage.postprocess_s > 0
+    assert (stage.decode_s is None) == (stage.label in ("I", "II")), stage.label
+    assert stage.decode_s is None or stage.decode_s > 0
 
 
 def test_tables_have_a_cell_per_pipeline_and_recipe(run, capsys):
@@ -93,6 +104,7 @@ def test_tables_have_a_cell_per_pipeline_and_recipe(run, capsys):
     output.print_tables(run)
     printed = capsys.readouterr().out
     assert "batch size: 1" in printed and "batch size: 2" in printed and "OOM after warmup" in printed
+    assert "End to end (batch size: 2)" in printed and "speed-up vs sdpa" in printed
 
 
 def test_outputs_are_written_with_every_raw_number(run, tmp_path):
@@ -104,9 +116,11 @@ def test_outputs_are_written_with_every_raw_number(run, tmp_path):
     assert data["settings"]["recipes"] == ["classic", "sdpa", "broken", "oom"]
     first = data["cells"][0]["stages"][0]
     assert {"times_s", "median_s", "first_call_s", "end_to_end_s", "flops_per_step", "relative_l2"} <= set(first)
+    assert {"end_to_end_times_s", "first_decode_call_s", "loop_s", "decode_s", "postprocess_s"} <= set(first)
     assert all("output" not in stage for ref in data["references"] for stage in ref["stages"])
     markdown = open(paths["markdown"]).read()
     assert "| SD - txt2img |" in markdown and "## Details" in markdown and "OOM after warmup" in markdown
+    assert markdown.index("## End to end (batch size: 1)") < markdown.index("## Details")
     pytest.importorskip("matplotlib")
     assert open(paths["chart"], "rb").read(8) == b"\x89PNG\r\n\x1a\n"
 
@@ -138,9 +152,6 @@ def test_chart_falls_back_to_the_docs_recipe_and_is_skipped_without_any_baseline
 
 
 def test_diffopt_recipe_calls_optimize_and_keeps_its_report():
-    diffopt = pytest.importorskip("diffopt")
-    if not hasattr(diffopt, "optimize"):
-        pytest.skip("diffopt core not present")
     run = run_benchmark(BenchSettings(pipelines=["sd-txt2img"], recipes=["sdpa", "diffopt-nocompile"], **QUICK))
     cell = _cell(run, "sd-txt2img", 1, "diffopt-nocompile")
     assert cell.ok, cell.error

@@ -395,10 +395,6 @@ def scenario_cfg_with_optimize(rank, options, order):
                  id="compile", marks=pytest.mark.compile),
 ])
 def test_cfg_parallel_composes_with_optimize(two_ranks, options, order):
-    try:
-        from diffopt import optimize, restore  # noqa: F401
-    except ImportError:
-        pytest.skip("diffopt.optimize is not written yet")
     two_ranks.run(scenario_cfg_with_optimize, options, order, timeout=300)
 
 

@@ -114,7 +114,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:  # fmt: skip
                         help="warm calls per stage, the first of which is reported as 'first call' "
                              f"({_default('warmup')})")
     parser.add_argument("--repeats", type=_positive_int, default=None,
-                        help=f"timed calls per stage; steps/s uses their median ({_default('repeats')})")
+                        help="timed calls per stage, three times over: to latents (steps/s uses their median), "
+                             "to PIL images (end-to-end seconds), and to PIL images with the decode and "
+                             f"post-processing timed apart ({_default('repeats')})")
     parser.add_argument("--stages", type=_comma_list(str), default=None,
                         help=f"time only these stages of a multi-stage pipeline ({_STAGE_CHOICES}; default: all)")
     parser.add_argument("--warm-start", action="store_true", default=False,

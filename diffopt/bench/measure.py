@@ -6,8 +6,17 @@ Method, the same for every cell so that numbers compare:
 * ``warmup`` calls (the first one timed on its own: it includes compilation), then ``repeats`` timed calls;
   each call is the whole pipeline ``__call__`` with ``output_type="latent"`` (``"pt"`` for IF I/II, which have
   no VAE), under ``torch.inference_mode``, between two ``torch.cuda.synchronize``;
-* steps/s = denoising steps / median seconds of those calls; end-to-end seconds = one more call that also
-  decodes to PIL images;
+* steps/s = denoising steps / median seconds of those calls;
+* end to end, what a user waits for from ``pipe(...)`` to PIL images: one call with ``output_type="pil"`` that
+  runs the decode and post-processing for the first time (``first_decode_call_s``; it compiles the VAE where the
+  recipe compiles it, and its images are those PSNR and SSIM compare), then ``repeats`` timed calls to PIL images;
+  ``end_to_end_s`` = their median;
+* where that time goes: ``repeats`` more calls to PIL images, with the pipeline's ``vae.decode`` and its
+  post-processing to PIL (``image_processor.postprocess``; ``numpy_to_pil`` for IF I/II) wrapped, for these calls
+  only, so that each runs between two synchronizations and is timed (:mod:`diffopt.bench.split`); ``decode_s``,
+  ``postprocess_s`` and ``loop_s`` (the rest of the call: mostly the denoising loop, with the input, prompt
+  embedding and latent preparation and the scheduler's host work) are medians over them. They are calls of their
+  own so that the wrappers' extra synchronizations change none of the timed calls;
 * the recipe's own time (``optimize_s``: ``diffopt.optimize``, or wrapping in ``torch.compile``) is timed apart from
   the build; time to the first image = ``optimize_s`` + the first calls of the stages;
 * when the run has a next batch size, one more call at that batch size on the same optimized pipeline, after
@@ -18,7 +27,7 @@ The reference (:func:`probe`) is an eager pipeline with diffusers' defaults, run
 it counts the steps the pipeline really runs (img2img runs ``strength`` x steps), counts the FLOPs of one step
 of the denoisers with ``torch.utils.flop_counter`` and keeps the output every recipe's output is compared with
 (relative L2 of the timed calls' output), plus one more call's decoded images for the PSNR and SSIM of each
-recipe's decode call (:mod:`diffopt.bench.image_quality`).
+recipe's first decode call (:mod:`diffopt.bench.image_quality`).
 """
 from __future__ import annotations
 
@@ -34,6 +43,7 @@ from diffopt.bench.env import OutOfMemoryError, free_memory, peak_memory_bytes, 
 from diffopt.bench.image_quality import pixels, psnr, ssim
 from diffopt.bench.pipelines import BenchCase, Stage, build_case
 from diffopt.bench.recipes import Recipe
+from diffopt.bench.split import DECODE, POSTPROCESS, split_targets, timed_methods
 
 
 @dataclass
@@ -62,7 +72,22 @@ class StageResult:
     times_s: list[float]
     median_s: float
     steps_per_s: float
+    #: Median seconds of ``repeats`` calls to PIL images (``output_type="pil"``), what a user waits for; each of
+    #: them in ``end_to_end_times_s``. Results written before these calls were timed hold one such call here.
     end_to_end_s: Optional[float] = None
+    end_to_end_times_s: Optional[list[float]] = None
+    #: The first call to PIL images, before the timed ones: it runs the VAE decode (and post-processing) for the
+    #: first time, which compiles it where the recipe compiles the VAE. Its images give PSNR and SSIM.
+    first_decode_call_s: Optional[float] = None
+    #: Where an end-to-end call goes, medians over ``repeats`` more calls timed with :mod:`diffopt.bench.split`'s
+    #: wrappers: ``decode_s`` in ``vae.decode`` (None without a VAE: IF stages I and II), ``postprocess_s`` in
+    #: turning the decoded tensor into PIL images, and ``loop_s`` everything else in the call, the call's
+    #: seconds minus those two: the denoising loop, and also input checks, preparing the prompt embeddings and
+    #: latents, scheduler set-up and the pipeline's other host work; in fp16, SDXL's and the x4 upscaler's casts
+    #: of the VAE to float32 and back around the decode (diffusers' ``force_upcast``) too.
+    loop_s: Optional[float] = None
+    decode_s: Optional[float] = None
+    postprocess_s: Optional[float] = None
     #: The first call at the run's next batch size on the same optimized pipeline (no rebuild), and that size;
     #: None for the last batch size and for stages that always run at batch 1 (IF's upscalers).
     new_shape_batch_size: Optional[int] = None
@@ -284,7 +309,7 @@ def measure_cell(
 
 
 def _measure_stage(stage, batch_size, settings: CellSettings, reference: Optional[StageReference], phase: _Phase):
-    device, batch = settings.device, _batch(stage, batch_size)
+    device, batch, repeats = settings.device, _batch(stage, batch_size), max(settings.repeats, 1)
     suffix = f" (stage {stage.label})" if stage.label else ""
     phase.name = "first call" + suffix
     first_s, _ = _timed(stage, batch, stage.timed_output, device)
@@ -293,11 +318,15 @@ def _measure_stage(stage, batch_size, settings: CellSettings, reference: Optiona
         _timed(stage, batch, stage.timed_output, device)
     phase.name = "timed calls" + suffix
     times, output = [], None
-    for _ in range(max(settings.repeats, 1)):
+    for _ in range(repeats):
         seconds, output = _timed(stage, batch, stage.timed_output, device)
         times.append(seconds)
-    phase.name = "decode call" + suffix
-    end_to_end_s, decoded = _timed(stage, batch, "pil", device)
+    phase.name = "first decode call" + suffix
+    first_decode_s, decoded = _timed(stage, batch, "pil", device)
+    phase.name = "end-to-end calls" + suffix
+    end_to_end = [_timed(stage, batch, "pil", device)[0] for _ in range(repeats)]
+    phase.name = "split calls" + suffix
+    split = median_split([split_call(stage, batch, device) for _ in range(repeats)])
     median = statistics.median(times)
     steps = reference.steps if reference else stage.steps
     return StageResult(
@@ -308,12 +337,48 @@ def _measure_stage(stage, batch_size, settings: CellSettings, reference: Optiona
         times_s=times,
         median_s=median,
         steps_per_s=steps / median,
-        end_to_end_s=end_to_end_s,
+        end_to_end_s=statistics.median(end_to_end),
+        end_to_end_times_s=end_to_end,
+        first_decode_call_s=first_decode_s,
+        loop_s=split.loop_s,
+        decode_s=split.decode_s,
+        postprocess_s=split.postprocess_s,
         flops_per_step=reference.flops_per_step if reference else None,
         relative_l2=relative_l2(_to_cpu(output), reference.output if reference else None),
         psnr_db=psnr(pixels(decoded), reference.image if reference else None),
         ssim=ssim(pixels(decoded), reference.image if reference else None, device=device),
     )
+
+
+@dataclass
+class CallSplit:
+    """Seconds of one call to PIL images, or medians of several (see :class:`StageResult`)."""
+
+    total_s: float
+    loop_s: float
+    decode_s: Optional[float]
+    postprocess_s: Optional[float]
+
+
+def split_call(stage: Stage, batch_size: int, device: torch.device) -> CallSplit:
+    """One call to PIL images with the stage's decode and post-processing timed apart (:mod:`diffopt.bench.split`);
+    a part the pipeline lacks, or did not call, is None. Its wrappers are gone when this returns or raises."""
+    with timed_methods(split_targets(stage.pipe), device) as seconds:
+        total_s, _ = _timed(stage, batch_size, "pil", device)
+    decode_s, postprocess_s = (sum(seconds[part]) if seconds.get(part) else None for part in (DECODE, POSTPROCESS))
+    loop_s = total_s - (decode_s or 0.0) - (postprocess_s or 0.0)
+    return CallSplit(total_s, loop_s, decode_s, postprocess_s)
+
+
+def median_split(calls: list[CallSplit]) -> CallSplit:
+    """Each part's median over ``calls`` (so the parts need not add up to the median total exactly); a part
+    missing from any call is None."""
+
+    def median(part: str) -> Optional[float]:
+        values = [getattr(call, part) for call in calls]
+        return None if any(value is None for value in values) else statistics.median(values)
+
+    return CallSplit(median("total_s"), median("loop_s"), median("decode_s"), median("postprocess_s"))
 
 
 def _measure_new_shape(case: BenchCase, cell: CellResult, batch_size: int, device: torch.device, phase: _Phase):

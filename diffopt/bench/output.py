@@ -1,7 +1,10 @@
 """What a benchmark run writes: console tables, results.md, results.json, speedup.png, first_image.png, and the
 progress bar.
 
-After the speed tables, a time-to-first-image table per batch size: a row per pipeline and recipe with the recipe's
+After the speed tables, an end-to-end table per batch size: a row per pipeline and recipe with the seconds of a
+call from ``pipe(...)`` to PIL images, images/s, where the call goes (denoising loop, VAE decode, post-processing)
+and the end-to-end speed-up over eager sdpa and over the docs page's compile recipe, where the run has them. Then a
+time-to-first-image table per batch size: a row per pipeline and recipe with the recipe's
 optimize time, cold first call, their sum, the first call at the next batch size, the steady seconds per call and
 the break-even image count against eager sdpa (with ``--warm-start``, the same from a new process).
 
@@ -41,13 +44,17 @@ def format_cell(cell: Optional[CellResult]) -> str:
     return f"{measured} / {reason}" if measured else reason
 
 
-def _denoise_seconds(cell: Optional[CellResult], labels: Optional[list[str]] = None) -> Optional[float]:
-    """Summed median seconds of the stages; None for a failed cell, or one of other stages than ``labels``."""
+def _summed_seconds(
+    cell: Optional[CellResult], labels: Optional[list[str]] = None, field: str = "median_s"
+) -> Optional[float]:
+    """A seconds ``field`` of the stages, summed; None for a failed cell, one of other stages than ``labels``, or
+    a stage without the field (results written before it was measured)."""
     if cell is None or not cell.ok or not cell.stages:
         return None
     if labels is not None and [stage.label for stage in cell.stages] != labels:
         return None  # IF stage II alone against all three stages would be no speed-up at all
-    return sum(stage.median_s for stage in cell.stages)
+    values = [getattr(stage, field) for stage in cell.stages]
+    return None if any(value is None for value in values) else sum(values)
 
 
 #: What the chart compares with, in order of preference: eager SDPA, else the docs page's compile recipe (a run
@@ -55,19 +62,22 @@ def _denoise_seconds(cell: Optional[CellResult], labels: Optional[list[str]] = N
 CHART_BASELINES = (REFERENCE, "diffusers-compile", "seed", "compile")
 
 
-def speedups(run: BenchRun, baseline: str = REFERENCE) -> dict[tuple[str, int], dict[str, float]]:
+def speedups(
+    run: BenchRun, baseline: str = REFERENCE, field: str = "median_s"
+) -> dict[tuple[str, int], dict[str, float]]:
     """Speed-up of each recipe over ``baseline`` per (pipeline, batch size): ratio of the summed median seconds
-    of the stages' timed calls (for one-stage pipelines, the ratio of steps/s)."""
+    of the stages' timed calls (for one-stage pipelines, the ratio of steps/s); ``field="end_to_end_s"``: of their
+    calls to PIL images."""
     result: dict[tuple[str, int], dict[str, float]] = {}
     for (pipeline, batch_size), cells in _grid(run).items():
-        reference = _denoise_seconds(cells.get(baseline))
+        reference = _summed_seconds(cells.get(baseline), field=field)
         if reference is None:
             continue
         labels = [stage.label for stage in cells[baseline].stages]
         result[(pipeline, batch_size)] = {
             recipe: reference / seconds
             for recipe, cell in cells.items()
-            if (seconds := _denoise_seconds(cell, labels))
+            if (seconds := _summed_seconds(cell, labels, field))
         }
     return result
 
@@ -157,6 +167,85 @@ def quality_rows(run: BenchRun, batch_size: int) -> list[list[str]]:
     return rows
 
 
+#: The recipes the end-to-end table gives a speed-up against, those of them the run has: eager SDPA, and the docs
+#: page's compile recipe ("seed" in older results).
+END_TO_END_BASELINES = (REFERENCE, "diffusers-compile", "seed")
+
+END_TO_END_NOTE = (
+    "A call from `pipe(...)` to PIL images, median of the timed calls; IF: per stage, each stage's own call "
+    "(I / II / III). Split, medians of separate calls: decode = `vae.decode` (none in IF stages I and II), "
+    "post-processing = tensor to PIL images (IF I and II: `numpy_to_pil`), loop = the rest of the call (denoising "
+    "loop, input and latent preparation, scheduler and host work; SDXL's and the x4 upscaler's fp16 VAE casts to "
+    "float32 and back). "
+    "Speed-up: the baseline's end-to-end seconds (summed over the stages) over the recipe's."
+)
+
+OLD_END_TO_END_NOTE = (
+    " Some of these results were written before the calls to PIL images were repeated: they have no loop, decode "
+    "or post-processing, and their end-to-end s is a single call, the first to decode."
+)
+
+
+def end_to_end_note(run: BenchRun) -> str:
+    """What the end-to-end table shows; results written before the calls to PIL images were repeated are said to
+    hold a single one (the first, which may include the VAE's first run)."""
+    single = any(stage.end_to_end_s is not None and stage.end_to_end_times_s is None
+                 for cell in run.cells for stage in cell.stages)  # fmt: skip
+    return END_TO_END_NOTE + (OLD_END_TO_END_NOTE if single else "")
+
+
+def end_to_end_baselines(run: BenchRun) -> list[str]:
+    recipes = _recipes(run)
+    return [baseline for baseline in END_TO_END_BASELINES if baseline in recipes]
+
+
+def end_to_end_header(run: BenchRun) -> list[str]:
+    header = ["Pipeline", "Recipe", "end-to-end s", "images/s", "loop s", "decode s", "post-processing s"]
+    return header + [f"speed-up vs {baseline}" for baseline in end_to_end_baselines(run)]
+
+
+def _per_stage(cell: CellResult, field: str, pattern: str = "{:.3f}") -> str:
+    """A stage field of each stage, joined by " / " (one number for one-stage pipelines); "-" where missing."""
+    return " / ".join(_number(getattr(stage, field), pattern) for stage in cell.stages)
+
+
+def _images_per_s(cell: CellResult) -> str:
+    return " / ".join(_number(stage.end_to_end_s and stage.batch_size / stage.end_to_end_s, "{:.2f}")
+                      for stage in cell.stages)  # fmt: skip
+
+
+def end_to_end_rows(run: BenchRun, batch_size: int) -> list[list[str]]:
+    """A row per pipeline and recipe: seconds of a call to PIL images, images per second (the stage's batch over
+    those seconds), the call's split into loop, decode and post-processing, then the end-to-end speed-up over
+    each baseline of the same pipeline and batch size ("-": that baseline did not finish, ran other stages, or
+    its results have no end-to-end seconds). A failed cell's error follows its last number."""
+    grid, recipes, baselines = _grid(run), _recipes(run), end_to_end_baselines(run)
+    ups = {baseline: speedups(run, baseline, field="end_to_end_s") for baseline in baselines}
+    rows = []
+    for pipeline in run.settings.pipelines:
+        cells = grid.get((pipeline, batch_size), {})
+        for recipe in recipes:
+            cell = cells.get(recipe)
+            if cell is None:
+                continue
+            label = _row_label(run, pipeline, batch_size)
+            if not cell.stages:
+                rows.append([label, recipe] + ["-"] * (len(end_to_end_header(run)) - 3) + [cell.error or cell.status])
+                continue
+            factors = [ups[baseline].get((pipeline, batch_size), {}).get(recipe) for baseline in baselines]
+            row = [label, recipe, _per_stage(cell, "end_to_end_s"), _images_per_s(cell), _per_stage(cell, "loop_s"),
+                   _per_stage(cell, "decode_s"), _per_stage(cell, "postprocess_s")]  # fmt: skip
+            row += [_number(factor, "{:.2f}x") for factor in factors]
+            if not cell.ok:
+                row[-1] = f"{row[-1]} ({cell.error or cell.status})"
+            rows.append(row)
+    return rows
+
+
+def _end_to_end_title(batch_size: int) -> str:
+    return f"End to end (batch size: {batch_size}), seconds per call to PIL images"
+
+
 def has_warm_start(run: BenchRun) -> bool:
     return bool(getattr(run.settings, "warm_start", False)) or any(
         cell.warm_optimize_s is not None or cell.warm_error for cell in run.cells
@@ -236,6 +325,7 @@ def to_markdown(run: BenchRun) -> str:
         lines += [f"## {_title(run, batch_size)}", ""]
         lines += [_md_row(["Pipeline"] + recipes), _md_row([":-:"] * (1 + len(recipes)))]
         lines += [_md_row(row) for row in table_rows(run, batch_size)] + [""]
+    lines += _end_to_end_markdown(run)
     if has_quality(run):
         for batch_size in run.settings.batch_sizes:
             lines += [f"## Quality (batch size: {batch_size}): speed-up, PSNR, SSIM, latent rel. L2", ""]
@@ -260,9 +350,18 @@ def to_markdown(run: BenchRun) -> str:
     return "\n".join(lines)
 
 
+def _end_to_end_markdown(run: BenchRun) -> list[str]:
+    header, lines = end_to_end_header(run), []
+    for batch_size in run.settings.batch_sizes:
+        lines += [f"## {_end_to_end_title(batch_size)}", "", end_to_end_note(run), ""]
+        lines += [_md_row(header), _md_row([":-:"] * len(header))]
+        lines += [_md_row(row) for row in end_to_end_rows(run, batch_size)] + [""]
+    return lines
+
+
 _DETAIL_HEADER = [
     "pipeline", "batch", "recipe", "stage", "steps", "steps/s", "optimize s", "first call s",
-    "new-shape first call s", "warm first call s", "end-to-end s",
+    "new-shape first call s", "warm first call s", "end-to-end s", "first decode call s",
     "peak GiB", "GFLOP/step", "MFU", "rel. L2 vs sdpa", "PSNR dB vs sdpa", "SSIM vs sdpa", "status",
 ]  # fmt: skip
 
@@ -279,8 +378,8 @@ def _detail_rows(run: BenchRun) -> list[list[str]]:
                 cell.pipeline, str(stage.batch_size), cell.recipe, stage.label or "-", str(stage.steps),
                 f"{stage.steps_per_s:.2f}", _number(cell.optimize_s, "{:.2f}"), f"{stage.first_call_s:.2f}",
                 _new_shape(stage), _number(stage.warm_first_call_s, "{:.2f}"), _number(stage.end_to_end_s, "{:.3f}"),
-                peak, _number(stage.flops_per_step and stage.flops_per_step / 1e9, "{:,.1f}"),
-                _number(stage.mfu, "{:.1%}"),
+                _number(stage.first_decode_call_s, "{:.3f}"), peak,
+                _number(stage.flops_per_step and stage.flops_per_step / 1e9, "{:,.1f}"), _number(stage.mfu, "{:.1%}"),
                 _number(stage.relative_l2, "{:.2e}"), _number(stage.psnr_db, "{:.1f}"), _number(stage.ssim, "{:.4f}"),
                 status,
             ])  # fmt: skip
@@ -327,15 +426,21 @@ def print_tables(run: BenchRun, console=None) -> None:
             table.add_row(*row)
         console.print(table)
 
+    def print_row_table(title, header, rows):
+        table = Table(title=title)
+        for column in header:
+            table.add_column(column, justify="left" if column in ("Pipeline", "Recipe") else "center")
+        for row in rows:
+            table.add_row(*row)
+        console.print(table)
+
     for batch_size in run.settings.batch_sizes:
         print_table(_title(run, batch_size), table_rows(run, batch_size))
     for batch_size in run.settings.batch_sizes:
-        table = Table(title=_first_image_title(run, batch_size))
-        for column in first_image_header(run):
-            table.add_column(column, justify="left" if column in ("Pipeline", "Recipe") else "center")
-        for row in first_image_rows(run, batch_size):
-            table.add_row(*row)
-        console.print(table)
+        print_row_table(_end_to_end_title(batch_size), end_to_end_header(run), end_to_end_rows(run, batch_size))
+    console.print(end_to_end_note(run))
+    for batch_size in run.settings.batch_sizes:
+        print_row_table(_first_image_title(run, batch_size), first_image_header(run), first_image_rows(run, batch_size))
     if has_quality(run):
         for batch_size in run.settings.batch_sizes:
             title = f"Quality (batch size: {batch_size}): speed-up, PSNR, SSIM, latent rel. L2"
