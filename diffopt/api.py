@@ -37,13 +37,15 @@ class Optimized(Layer):
 
 
 def _owners(target) -> List[Any]:
-    """Every object optimize may have changed: the target, its scheduler, and every module of its denoiser,
-    ControlNets and VAE (the VAE too, whatever compile_vae was: restore must not depend on the options)."""
+    """Every object optimize may have changed: the target, its scheduler and image processor, and every module of
+    its denoiser, ControlNets and VAE (the VAE too, whatever compile_vae was: restore must not depend on the
+    options)."""
     owners = [target]
     if is_pipeline(target):
-        scheduler = getattr(target, "scheduler", None)
-        if scheduler is not None:
-            owners.append(scheduler)
+        for name in ("scheduler", "image_processor"):
+            part = getattr(target, name, None)
+            if part is not None:
+                owners.append(part)
         for name in ("unet", "transformer", "controlnet", "vae"):
             module = getattr(target, name, None)
             if module is not None and hasattr(module, "modules"):
@@ -56,8 +58,10 @@ def _owners(target) -> List[Any]:
 def _component_names(target) -> dict:
     """id(object) -> the name the report uses for it: the component that holds it."""
     names = {id(target): "pipeline" if is_pipeline(target) else type(target).__name__}
-    if is_pipeline(target) and getattr(target, "scheduler", None) is not None:
-        names[id(target.scheduler)] = "scheduler"
+    if is_pipeline(target):
+        for name in ("scheduler", "image_processor"):
+            if getattr(target, name, None) is not None:
+                names[id(getattr(target, name))] = name
     for component in find_components(target, include_vae=True):
         for module in component.module.modules():
             names.setdefault(id(module), component.name)
