@@ -44,7 +44,7 @@ def _owners(target) -> List[Any]:
     if is_pipeline(target):
         for name in ("scheduler", "image_processor"):
             part = getattr(target, name, None)
-            if part is not None:
+            if hasattr(part, "__dict__"):  # where layers are recorded; None and slotted objects hold none
                 owners.append(part)
         for name in ("unet", "transformer", "controlnet", "vae"):
             module = getattr(target, name, None)
