@@ -94,7 +94,8 @@ def optimize(target, config: Optional[OptimizeConfig] = None, **options) -> Repo
 
     Runs, per component (the UNet or transformer, every ControlNet, and the VAE decoder when
     ``compile_vae=True``): attention processors, then fused QKV projections (opt-in), then memory format,
-    then quantization (opt-in, not on the VAE), then ``torch.compile``. Bad options raise before anything is
+    then quantization (opt-in, not on the VAE), then ``torch.compile``. On a pipeline, decoded PIL images are
+    also made 8-bit on their device (``device_postprocess``). Bad options raise before anything is
     touched; if a step fails, or the call is interrupted, everything it applied is undone. Calling it again
     replaces the previous optimization instead of stacking on it. Components shared with another pipeline
     (``from_pipe``) carry their optimization with them. LoRA and IP-Adapter weights may be loaded before or

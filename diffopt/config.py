@@ -183,10 +183,11 @@ class OptimizeConfig:
     #: Applies to UNet pipelines on CUDA with such a scheduler, whose UNet and ControlNets diffopt compiles; off
     #: elsewhere without a report line, and a ValueError with the reason where named and impossible.
     cpu_timesteps: bool = True
-    #: Turn decoded images into 8-bit pixels on the device they were decoded on and copy only those bytes to the
-    #: CPU, instead of copying float32 pixels and converting them in numpy: bit-identical PIL images. Applies to
-    #: pipelines whose ``image_processor`` is diffusers' own VaeImageProcessor (its subclasses too, unless they
-    #: change how images are made), for ``output_type="pil"``; other output types run unchanged.
+    #: Make decoded images 8-bit on the device they were decoded on and copy only those bytes to the CPU, instead
+    #: of converting them with numpy on the CPU: the same PIL images, byte for byte. Applies to pipelines whose
+    #: ``image_processor`` is diffusers' VaeImageProcessor (or a subclass that makes images the same way), for
+    #: ``output_type="pil"``; other output types run unchanged. Another image processor is reported as skipped;
+    #: named where it cannot apply, a ValueError with the reason.
     device_postprocess: bool = True
     #: Where compiled kernels are saved after the first call and loaded from in the next process: None, the
     #: default (``$DIFFOPT_CACHE_DIR``, else ``$XDG_CACHE_HOME/diffopt``, else ``~/.cache/diffopt``), a directory,
