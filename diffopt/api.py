@@ -37,13 +37,15 @@ class Optimized(Layer):
 
 
 def _owners(target) -> List[Any]:
-    """Every object optimize may have changed: the target, its scheduler, and every module of its denoiser,
-    ControlNets and VAE (the VAE too, whatever compile_vae was: restore must not depend on the options)."""
+    """Every object optimize may have changed: the target, its scheduler and image processor, and every module of
+    its denoiser, ControlNets and VAE (the VAE too, whatever compile_vae was: restore must not depend on the
+    options)."""
     owners = [target]
     if is_pipeline(target):
-        scheduler = getattr(target, "scheduler", None)
-        if scheduler is not None:
-            owners.append(scheduler)
+        for name in ("scheduler", "image_processor"):
+            part = getattr(target, name, None)
+            if hasattr(part, "__dict__"):  # where layers are recorded; None and slotted objects hold none
+                owners.append(part)
         for name in ("unet", "transformer", "controlnet", "vae"):
             module = getattr(target, name, None)
             if module is not None and hasattr(module, "modules"):
@@ -56,8 +58,10 @@ def _owners(target) -> List[Any]:
 def _component_names(target) -> dict:
     """id(object) -> the name the report uses for it: the component that holds it."""
     names = {id(target): "pipeline" if is_pipeline(target) else type(target).__name__}
-    if is_pipeline(target) and getattr(target, "scheduler", None) is not None:
-        names[id(target.scheduler)] = "scheduler"
+    if is_pipeline(target):
+        for name in ("scheduler", "image_processor"):
+            if getattr(target, name, None) is not None:
+                names[id(getattr(target, name))] = name
     for component in find_components(target, include_vae=True):
         for module in component.module.modules():
             names.setdefault(id(module), component.name)
@@ -90,7 +94,8 @@ def optimize(target, config: Optional[OptimizeConfig] = None, **options) -> Repo
 
     Runs, per component (the UNet or transformer, every ControlNet, and the VAE decoder when
     ``compile_vae=True``): attention processors, then fused QKV projections (opt-in), then memory format,
-    then quantization (opt-in, not on the VAE), then ``torch.compile``. Bad options raise before anything is
+    then quantization (opt-in, not on the VAE), then ``torch.compile``. On a pipeline, decoded PIL images are
+    also made 8-bit on their device (``device_postprocess``). Bad options raise before anything is
     touched; if a step fails, or the call is interrupted, everything it applied is undone. Calling it again
     replaces the previous optimization instead of stacking on it. Components shared with another pipeline
     (``from_pipe``) carry their optimization with them. LoRA and IP-Adapter weights may be loaded before or

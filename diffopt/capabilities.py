@@ -307,3 +307,15 @@ def first_block_cache() -> Gate:
     return Gate(
         "first-block cache", found, "diffusers with hooks.FirstBlockCacheConfig", f"diffusers {installed_version('diffusers')}"
     )
+
+
+def device_postprocess() -> Gate:
+    """diffusers' ``VaeImageProcessor._denormalize_conditionally``: the step of ``postprocess`` that the 8-bit
+    conversion on the device reuses, so that denormalizing stays diffusers' own code."""
+    from diffusers.image_processor import VaeImageProcessor
+
+    found = hasattr(VaeImageProcessor, "_denormalize_conditionally")
+    return Gate(
+        "8-bit conversion on the device", found, "diffusers with VaeImageProcessor._denormalize_conditionally",
+        f"diffusers {installed_version('diffusers')}",
+    )

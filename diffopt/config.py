@@ -183,6 +183,12 @@ class OptimizeConfig:
     #: Applies to UNet pipelines on CUDA with such a scheduler, whose UNet and ControlNets diffopt compiles; off
     #: elsewhere without a report line, and a ValueError with the reason where named and impossible.
     cpu_timesteps: bool = True
+    #: Make decoded images 8-bit on the device they were decoded on and copy only those bytes to the CPU, instead
+    #: of converting them with numpy on the CPU: the same PIL images, byte for byte. Applies to pipelines whose
+    #: ``image_processor`` is diffusers' VaeImageProcessor (or a subclass that makes images the same way), for
+    #: ``output_type="pil"``; other output types run unchanged. Another image processor is reported as skipped;
+    #: named where it cannot apply, a ValueError with the reason.
+    device_postprocess: bool = True
     #: Where compiled kernels are saved after the first call and loaded from in the next process: None, the
     #: default (``$DIFFOPT_CACHE_DIR``, else ``$XDG_CACHE_HOME/diffopt``, else ``~/.cache/diffopt``), a directory,
     #: or False to neither save nor load. See :func:`diffopt.save_compiled` for images and serving.
@@ -200,6 +206,7 @@ class OptimizeConfig:
         check_choice("quantize", self.quantize, QUANTIZE_CHOICES)
         check_bool("fuse_projections", self.fuse_projections)
         check_bool("cpu_timesteps", self.cpu_timesteps)
+        check_bool("device_postprocess", self.device_postprocess)
         check_compile_cache(self.compile_cache)
         if isinstance(self.compile, Mapping):
             self._check_compile_options(dict(self.compile))

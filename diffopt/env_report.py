@@ -59,6 +59,7 @@ def rows(device, dtype) -> list[tuple[str, str]]:
     found += [(f"quantize={mode}", verdict(lambda mode=mode: capabilities.quantize(mode, device))) for mode in QUANTIZE]
     found.append(("cache=first_block", verdict(capabilities.first_block_cache)))
     found.append(("cache=deepcache", "yes (built into diffopt, no package needed)"))
+    found.append(("device_postprocess", verdict(capabilities.device_postprocess)))
     return found
 
 

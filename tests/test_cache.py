@@ -20,7 +20,7 @@ import diffopt
 from diffopt import capabilities
 from diffopt.transforms import cache as cache_transform
 
-EAGER = dict(compile=False, attention=None, memory_format=None)  # only the cache changes
+EAGER = dict(compile=False, attention=None, memory_format=None, device_postprocess=False)  # only the cache changes
 STEPS = 6
 
 

@@ -25,6 +25,7 @@ def leftovers(pipe):
     found = [name for name, m in pipe.unet.named_modules() if "forward" in vars(m) or layers_of(m)]
     found += sorted({"set_timesteps", "step", "_diffopt_layers"} & set(vars(pipe.scheduler)))
     found += sorted({"progress_bar", "maybe_free_model_hooks", "_diffopt_layers"} & set(vars(pipe)))
+    found += sorted({"postprocess", "_diffopt_layers"} & set(getattr(getattr(pipe, "image_processor", None), "__dict__", {})))
     return found
 
 

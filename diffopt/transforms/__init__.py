@@ -4,15 +4,16 @@ what it changed on the objects it changed, so that undo needs nothing but those 
 
 :data:`ORDER` is the order they are planned and applied in; ``restore`` undoes in exactly the reverse order.
 """
-from . import attention_backend, cache, compile, fuse_projections, memory_format, quantize, timesteps
+from . import attention_backend, cache, compile, fuse_projections, memory_format, postprocess, quantize, timesteps
 
 # Processors first (compile must trace the final ones; fusing swaps some processors for fused ones, so it follows
 # the attention family); memory format before compile (compiled graphs specialize on weight strides); quantization
 # before compile (dynamo traces through torchao's weight subclasses, so the 8-bit matmuls and the activation
 # quantization become part of the graph inductor fuses; quantizing a compiled module would swap the parameters its
 # graph guards on, or leave CUDA graphs replaying the old weights); then CPU timesteps and the step cache (both hook
-# the scheduler; the timesteps hook goes first so that it comes off last), compile last: it traces the cached
+# the scheduler; the timesteps hook goes first so that it comes off last), the 8-bit image conversion anywhere
+# before compile (it hooks only the image processor, which nothing else touches), compile last: it traces the cached
 # forward, so that the block wrappers and the clock flag they read become the guards of two graphs (full step,
 # cached step). The first-block cache is the exception that proves the order: it must wrap blocks that are already
 # compiled, so its planner plans both.
-ORDER = (attention_backend, fuse_projections, memory_format, quantize, timesteps, cache, compile)
+ORDER = (attention_backend, fuse_projections, memory_format, quantize, timesteps, cache, postprocess, compile)
