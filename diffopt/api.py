@@ -36,13 +36,18 @@ class Optimized(Layer):
         pass
 
 
+#: The parts of a pipeline, beside its models, that transforms hook (timesteps and step caching the scheduler, the
+#: 8-bit conversion the image processor); restore walks them, and the report names them by these names.
+PIPELINE_PARTS = ("scheduler", "image_processor")
+
+
 def _owners(target) -> List[Any]:
     """Every object optimize may have changed: the target, its scheduler and image processor, and every module of
     its denoiser, ControlNets and VAE (the VAE too, whatever compile_vae was: restore must not depend on the
     options)."""
     owners = [target]
     if is_pipeline(target):
-        for name in ("scheduler", "image_processor"):
+        for name in PIPELINE_PARTS:
             part = getattr(target, name, None)
             if hasattr(part, "__dict__"):  # where layers are recorded; None and slotted objects hold none
                 owners.append(part)
@@ -59,7 +64,7 @@ def _component_names(target) -> dict:
     """id(object) -> the name the report uses for it: the component that holds it."""
     names = {id(target): "pipeline" if is_pipeline(target) else type(target).__name__}
     if is_pipeline(target):
-        for name in ("scheduler", "image_processor"):
+        for name in PIPELINE_PARTS:
             if getattr(target, name, None) is not None:
                 names[id(getattr(target, name))] = name
     for component in find_components(target, include_vae=True):

@@ -214,31 +214,41 @@ def _images_per_s(cell: CellResult) -> str:
                       for stage in cell.stages)  # fmt: skip
 
 
+def _cells(run: BenchRun, batch_size: int):
+    """``(row label, recipe, cell)`` for every cell of ``batch_size``, pipelines in run order, recipes in table order:
+    the rows of the per-recipe tables (end to end, time to first image)."""
+    grid, recipes = _grid(run), _recipes(run)
+    for pipeline in run.settings.pipelines:
+        cells = grid.get((pipeline, batch_size), {})
+        for recipe in recipes:
+            if recipe in cells:
+                yield _row_label(run, pipeline, batch_size), recipe, cells[recipe]
+
+
+def _failed_row(label: str, recipe: str, width: int, cell: CellResult) -> list[str]:
+    """A row of ``width`` columns for a cell that has no numbers: dashes, then its error."""
+    return [label, recipe] + ["-"] * (width - 3) + [cell.error or cell.status]
+
+
 def end_to_end_rows(run: BenchRun, batch_size: int) -> list[list[str]]:
     """A row per pipeline and recipe: seconds of a call to PIL images, images per second (the stage's batch over
     those seconds), the call's split into loop, decode and post-processing, then the end-to-end speed-up over
     each baseline of the same pipeline and batch size ("-": that baseline did not finish, ran other stages, or
     its results have no end-to-end seconds). A failed cell's error follows its last number."""
-    grid, recipes, baselines = _grid(run), _recipes(run), end_to_end_baselines(run)
+    baselines = end_to_end_baselines(run)
     ups = {baseline: speedups(run, baseline, field="end_to_end_s") for baseline in baselines}
     rows = []
-    for pipeline in run.settings.pipelines:
-        cells = grid.get((pipeline, batch_size), {})
-        for recipe in recipes:
-            cell = cells.get(recipe)
-            if cell is None:
-                continue
-            label = _row_label(run, pipeline, batch_size)
-            if not cell.stages:
-                rows.append([label, recipe] + ["-"] * (len(end_to_end_header(run)) - 3) + [cell.error or cell.status])
-                continue
-            factors = [ups[baseline].get((pipeline, batch_size), {}).get(recipe) for baseline in baselines]
-            row = [label, recipe, _per_stage(cell, "end_to_end_s"), _images_per_s(cell), _per_stage(cell, "loop_s"),
-                   _per_stage(cell, "decode_s"), _per_stage(cell, "postprocess_s")]  # fmt: skip
-            row += [_number(factor, "{:.2f}x") for factor in factors]
-            if not cell.ok:
-                row[-1] = f"{row[-1]} ({cell.error or cell.status})"
-            rows.append(row)
+    for label, recipe, cell in _cells(run, batch_size):
+        if not cell.stages:
+            rows.append(_failed_row(label, recipe, len(end_to_end_header(run)), cell))
+            continue
+        factors = [ups[baseline].get((cell.pipeline, batch_size), {}).get(recipe) for baseline in baselines]
+        row = [label, recipe, _per_stage(cell, "end_to_end_s"), _images_per_s(cell), _per_stage(cell, "loop_s"),
+               _per_stage(cell, "decode_s"), _per_stage(cell, "postprocess_s")]  # fmt: skip
+        row += [_number(factor, "{:.2f}x") for factor in factors]
+        if not cell.ok:
+            row[-1] = f"{row[-1]} ({cell.error or cell.status})"
+        rows.append(row)
     return rows
 
 
@@ -275,40 +285,34 @@ def first_image_rows(run: BenchRun, batch_size: int) -> list[list[str]]:
     their sum (time to the first image), the first call at the run's next batch size on the same pipeline, the
     steady seconds per call (median), and after how many images it has cost less than eager sdpa ("-": never,
     or no sdpa cell); with --warm-start, the same in a new process that loaded the saved compile."""
-    grid, recipes, warm = _grid(run), _recipes(run), has_warm_start(run)
+    warm = has_warm_start(run)
     rows = []
-    for pipeline in run.settings.pipelines:
-        cells = grid.get((pipeline, batch_size), {})
-        for recipe in recipes:
-            cell = cells.get(recipe)
-            if cell is None:
-                continue
-            label = _row_label(run, pipeline, batch_size)
-            if not cell.ok and not cell.stages:
-                rows.append([label, recipe] + ["-"] * (len(first_image_header(run)) - 3) + [cell.error or cell.status])
-                continue
-            first = _stage_sum(cell, "first_call_s")
-            to_image = first + (cell.optimize_s or 0.0) if first is not None else None
-            # IF's upscalers always run at batch 1: the stages that met a new shape are those that count.
-            new = [stage for stage in cell.stages if stage.new_shape_first_call_s is not None]
-            new_shape_text = "-"
-            if new:
-                seconds = sum(stage.new_shape_first_call_s for stage in new)
-                new_shape_text = f"{seconds:.2f} (batch {new[0].new_shape_batch_size})"
-            row = [label, recipe, _number(cell.optimize_s, "{:.2f}"), _number(first, "{:.2f}"),
-                   _number(to_image, "{:.2f}"), new_shape_text, _number(_stage_sum(cell, "median_s"), "{:.3f}"),
-                   _break_even(cell.break_even_images)]  # fmt: skip
-            if warm:
-                warm_first = _stage_sum(cell, "warm_first_call_s")
-                warm_to_image = warm_first + cell.warm_optimize_s if warm_first is not None and cell.warm_optimize_s is not None else None
-                if cell.warm_error:
-                    row += ["-", "-", cell.warm_error, "-"]
-                else:
-                    row += [_number(cell.warm_optimize_s, "{:.2f}"), _number(warm_first, "{:.2f}"),
-                            _number(warm_to_image, "{:.2f}"), _break_even(cell.warm_break_even_images)]  # fmt: skip
-            if not cell.ok:
-                row[-1] = f"{row[-1]} ({cell.error or cell.status})"
-            rows.append(row)
+    for label, recipe, cell in _cells(run, batch_size):
+        if not cell.ok and not cell.stages:
+            rows.append(_failed_row(label, recipe, len(first_image_header(run)), cell))
+            continue
+        first = _stage_sum(cell, "first_call_s")
+        to_image = first + (cell.optimize_s or 0.0) if first is not None else None
+        # IF's upscalers always run at batch 1: the stages that met a new shape are those that count.
+        new = [stage for stage in cell.stages if stage.new_shape_first_call_s is not None]
+        new_shape_text = "-"
+        if new:
+            seconds = sum(stage.new_shape_first_call_s for stage in new)
+            new_shape_text = f"{seconds:.2f} (batch {new[0].new_shape_batch_size})"
+        row = [label, recipe, _number(cell.optimize_s, "{:.2f}"), _number(first, "{:.2f}"),
+               _number(to_image, "{:.2f}"), new_shape_text, _number(_stage_sum(cell, "median_s"), "{:.3f}"),
+               _break_even(cell.break_even_images)]  # fmt: skip
+        if warm:
+            warm_first = _stage_sum(cell, "warm_first_call_s")
+            warm_to_image = warm_first + cell.warm_optimize_s if warm_first is not None and cell.warm_optimize_s is not None else None
+            if cell.warm_error:
+                row += ["-", "-", cell.warm_error, "-"]
+            else:
+                row += [_number(cell.warm_optimize_s, "{:.2f}"), _number(warm_first, "{:.2f}"),
+                        _number(warm_to_image, "{:.2f}"), _break_even(cell.warm_break_even_images)]  # fmt: skip
+        if not cell.ok:
+            row[-1] = f"{row[-1]} ({cell.error or cell.status})"
+        rows.append(row)
     return rows
 
 
