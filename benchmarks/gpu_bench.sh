@@ -2,8 +2,12 @@
 # `diffopt bench` on the GPU host, split into invocations that each write their own results (so a timeout in
 # one keeps the others). Usage: bash benchmarks/gpu_bench.sh NAME:SECONDS:"bench args" ...
 set -u
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-  && export PYTHONPATH=/tmp/site:$PWD || exit 1
+# Installed once per machine, so that several invocations can run side by side (one per GPU, CUDA_VISIBLE_DEVICES).
+if [ ! -e /tmp/site/.installed ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && touch /tmp/site/.installed || exit 1
+fi
+export PYTHONPATH=/tmp/site:$PWD
 export PYTHONUNBUFFERED=1
 out=${OUT:-bench-out}; mkdir -p "$out"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
