@@ -186,3 +186,14 @@ def test_the_markdown_of_a_cuda_call_has_its_gpu_columns_and_gaps():
     gaps = "largest GPU idle gaps: 0.395 ms at +0.305 ms (loop > decode), 0.09 ms at +0.91 ms (postprocess > loop)"
     assert gaps in markdown
     assert "warning: 1 of 1 CUDA graph launches" in markdown
+
+
+def test_a_stage_without_a_vae_has_no_decode_part():
+    first = build_case("if", size="tiny", steps=1, stages=["I"]).stages[0]
+    result = profile_call.profile_stage(first, 1, CPU, warmup=1)
+    assert result["parts_present"] == ["loop", "postprocess"] and result["warnings"] == []
+    assert result["parts"]["decode"]["wall_s"] == 0 and result["parts"]["postprocess"]["wall_s"] > 0
+    entry = dict(pipeline="if", stage="I", recipe="sdpa", status="ok", **result)
+    settings = {"size": "tiny", "dtype": "fp32", "batch_size": 1, "warmup": 1}
+    markdown = profile_call.to_markdown({"settings": settings, "environment": {}, "results": [entry]})
+    assert "## if stage I" in markdown and "| sdpa | postprocess |" in markdown and "| sdpa | decode |" not in markdown
