@@ -10,7 +10,7 @@ from diffopt.bench import output, recipes
 from diffopt.bench.measure import CellResult, CellSettings, StageResult, measure_cell, split_call
 from diffopt.bench.pipelines import build_case
 from diffopt.bench.runner import BenchRun, BenchSettings, load_run
-from diffopt.bench.split import split_targets, timed_methods
+from diffopt.bench.split import labelled_methods, split_targets, timed_methods
 
 CPU = torch.device("cpu")
 #: Sleeps put into the decode and the post-processing: parts long and known enough to check on a busy CPU.
@@ -91,6 +91,57 @@ def test_wrappers_are_removed_when_the_call_raises():
         handle.remove()
     assert [_snapshot(pipe.vae), _snapshot(pipe.image_processor)] == before
     assert vars(pipe.image_processor)["postprocess"] is own
+
+
+def test_labels_name_each_part_in_a_profile_and_leave_vars_as_they_were():
+    from torch.profiler import ProfilerActivity, profile
+
+    stage = build_case("sd-txt2img", size="tiny", steps=1).stages[0]
+    pipe, calls = stage.pipe, []
+    own = _own_postprocess(pipe.image_processor, calls)
+    stage.call(1, "pil")  # the pipeline keeps some of a call's settings on itself
+    calls.clear()
+    before = [_snapshot(pipe.vae), _snapshot(pipe.image_processor), set(vars(pipe))]
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        with labelled_methods(split_targets(pipe)) as parts:
+            assert vars(pipe.image_processor)["postprocess"] is not own and "decode" in vars(pipe.vae)
+            stage.call(1, "pil")
+    assert parts == ["decode", "postprocess"] and calls == [1]  # the hook still ran, inside its label
+    assert [_snapshot(pipe.vae), _snapshot(pipe.image_processor), set(vars(pipe))] == before
+    assert vars(pipe.image_processor)["postprocess"] is own and "decode" not in vars(pipe.vae)
+    ranges = {event.name: event for event in prof.events() if event.name in parts}
+    assert set(ranges) == {"decode", "postprocess"}
+    # The decoder's convolutions ran inside the decode's range, and the decode ended before the post-processing.
+    decode, postprocess = ranges["decode"].time_range, ranges["postprocess"].time_range
+    inside = [e for e in prof.events() if e.name == "aten::conv2d" and decode.start <= e.time_range.start <= decode.end]
+    assert inside and decode.end <= postprocess.start
+
+
+def test_labels_are_removed_when_the_call_raises_and_skip_what_cannot_be_replaced():
+    stage = build_case("sd-txt2img", size="tiny", steps=1).stages[0]
+    pipe = stage.pipe
+    before = _snapshot(pipe.vae)
+
+    class Slotted:
+        __slots__ = ()
+
+        def postprocess(self):
+            return "slotted"
+
+    targets = {**split_targets(pipe), "postprocess": (Slotted(), "postprocess")}
+
+    def explode(module, args):
+        raise RuntimeError("decoder exploded")
+
+    handle = pipe.vae.decoder.register_forward_pre_hook(explode)
+    try:
+        with pytest.raises(RuntimeError, match="decoder exploded"):
+            with labelled_methods(targets) as parts:
+                assert parts == ["decode"]  # no vars() on a __slots__ object: left alone
+                stage.call(1, "pil")
+    finally:
+        handle.remove()
+    assert _snapshot(pipe.vae) == before and "decode" not in vars(pipe.vae)
 
 
 def test_if_stages_time_numpy_to_pil_where_they_have_no_vae():

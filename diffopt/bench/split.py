@@ -14,6 +14,10 @@ attributes written straight into ``vars(owner)``: the class is never touched, no
 gets back exactly what it had: an instance attribute that was there before (another library's hook) is put
 back, one that was not is deleted.
 
+:func:`labelled_methods` puts the same methods, the same way, inside ``torch.profiler.record_function`` ranges
+named after their part, so that a profile of a call says which of its ops (and, on CUDA, which kernels) the decode
+and the post-processing launched; it adds no synchronization, so the profiled call runs as a user's would.
+
 Example:
     >>> import torch
     >>> from diffopt.bench.pipelines import build_case
@@ -59,13 +63,34 @@ def timed_methods(targets: dict[str, tuple[Any, str]], device: torch.device) -> 
     one entry per call (a part called twice in one pipeline call has two). A method that cannot be replaced on
     the instance (a property, ``__slots__``) is left alone and its list stays empty."""
     seconds: dict[str, list[float]] = {part: [] for part in targets}
+    with _wrapped_methods(targets, lambda part, method: _timing_wrapper(method, seconds[part], device)):
+        yield seconds
+
+
+@contextlib.contextmanager
+def labelled_methods(targets: dict[str, tuple[Any, str]]) -> Iterator[list[str]]:
+    """Run every call of each target's method inside the ``with`` block in a
+    ``torch.profiler.record_function(part)`` range; yields the parts so labelled (a method that cannot be replaced
+    on the instance is left alone, and its part is not among them). Outside a profiler a range costs next to
+    nothing, but nothing else changes either: no synchronization, no timing."""
+    with _wrapped_methods(targets, _labelling_wrapper) as parts:
+        yield parts
+
+
+@contextlib.contextmanager
+def _wrapped_methods(
+    targets: dict[str, tuple[Any, str]], wrap: Callable[[str, Callable], Callable]
+) -> Iterator[list[str]]:
+    """Put ``wrap(part, method)`` in place of each target's method for the ``with`` block, in ``vars(owner)``;
+    yields the parts replaced. On the way out, error or not, every ``vars(owner)`` gets back what it had."""
     installed: list[tuple[Any, str, bool, Any]] = []
+    parts: list[str] = []
     try:
         for part, (owner, name) in targets.items():
-            wrapper = _timing_wrapper(getattr(owner, name), seconds[part], device)
             if _replaceable(owner, name):
-                installed.append(_install(owner, name, wrapper))
-        yield seconds
+                installed.append(_install(owner, name, wrap(part, getattr(owner, name))))
+                parts.append(part)
+        yield parts
     finally:
         for owner, name, had_own, previous in reversed(installed):
             _restore(owner, name, had_own, previous)
@@ -83,6 +108,15 @@ def _timing_wrapper(function: Callable, seconds: list[float], device: torch.devi
         return result
 
     return timed
+
+
+def _labelling_wrapper(part: str, function: Callable) -> Callable:
+    @functools.wraps(function)
+    def labelled(*args, **kwargs):
+        with torch.profiler.record_function(part):
+            return function(*args, **kwargs)
+
+    return labelled
 
 
 def _replaceable(owner: Any, name: str) -> bool:
