@@ -291,3 +291,22 @@ def compile_clean():
     torch.compiler.reset()
     yield
     torch.compiler.reset()
+
+
+@pytest.fixture(scope="module")
+def steady_cpu():
+    """For modules that time calls on the CPU. oneDNN compiles a kernel per new convolution shape: seconds on a small
+    CPU, milliseconds without it. One thread: on a shared CPU a call's seconds then vary by a few percent, not by
+    several times."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.backends.mkldnn.flags(enabled=False):
+            yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def vars_by_identity(owner) -> dict:
+    """``vars(owner)`` by identity: a module's parameters cannot be compared with ``==``."""
+    return {name: id(value) for name, value in vars(owner).items()}

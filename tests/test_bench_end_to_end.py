@@ -5,6 +5,7 @@ import time
 
 import pytest
 import torch
+from conftest import vars_by_identity
 
 from diffopt.bench import output, recipes
 from diffopt.bench.measure import CellResult, CellSettings, StageResult, measure_cell, split_call
@@ -15,24 +16,7 @@ from diffopt.bench.split import labelled_methods, split_targets, timed_methods
 CPU = torch.device("cpu")
 #: Sleeps put into the decode and the post-processing: parts long and known enough to check on a busy CPU.
 DECODE_SLEEP_S, POSTPROCESS_SLEEP_S = 0.2, 0.1
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _steady_cpu():
-    # oneDNN compiles a kernel per new convolution shape: seconds on a small CPU, milliseconds without it. One
-    # thread: on a shared CPU a call's seconds then vary by a few percent, not by several times.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with torch.backends.mkldnn.flags(enabled=False):
-            yield
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _snapshot(owner) -> dict:
-    """``vars(owner)`` by identity: a module's parameters cannot be compared with ``==``."""
-    return {name: id(value) for name, value in vars(owner).items()}
+pytestmark = pytest.mark.usefixtures("steady_cpu")
 
 
 def _own_postprocess(processor, calls: list, sleep_s: float = 0.0):
@@ -63,14 +47,14 @@ def test_wrappers_time_each_part_and_leave_vars_as_they_were():
     own = _own_postprocess(pipe.image_processor, calls)
     stage.call(1, "pil")  # the pipeline keeps some of a call's settings on itself (_guidance_scale...)
     calls.clear()
-    before = [_snapshot(pipe.vae), _snapshot(pipe.image_processor), set(vars(pipe))]
+    before = [vars_by_identity(pipe.vae), vars_by_identity(pipe.image_processor), set(vars(pipe))]
     targets = split_targets(pipe)
     assert targets == {"decode": (pipe.vae, "decode"), "postprocess": (pipe.image_processor, "postprocess")}
     with timed_methods(targets, CPU) as seconds:
         assert "decode" in vars(pipe.vae) and vars(pipe.image_processor)["postprocess"] is not own
         stage.call(1, "pil")
     assert len(seconds["decode"]) == 1 and len(seconds["postprocess"]) == 1 and calls == [1]  # the hook still ran
-    assert [_snapshot(pipe.vae), _snapshot(pipe.image_processor), set(vars(pipe))] == before
+    assert [vars_by_identity(pipe.vae), vars_by_identity(pipe.image_processor), set(vars(pipe))] == before
     assert vars(pipe.image_processor)["postprocess"] is own and "decode" not in vars(pipe.vae)
 
 
@@ -78,7 +62,7 @@ def test_wrappers_are_removed_when_the_call_raises():
     stage = build_case("sd-txt2img", size="tiny", steps=2).stages[0]
     pipe = stage.pipe
     own = _own_postprocess(pipe.image_processor, [])
-    before = [_snapshot(pipe.vae), _snapshot(pipe.image_processor)]
+    before = [vars_by_identity(pipe.vae), vars_by_identity(pipe.image_processor)]
 
     def explode(module, args):
         raise RuntimeError("decoder exploded")
@@ -89,7 +73,7 @@ def test_wrappers_are_removed_when_the_call_raises():
             split_call(stage, 1, CPU)
     finally:
         handle.remove()
-    assert [_snapshot(pipe.vae), _snapshot(pipe.image_processor)] == before
+    assert [vars_by_identity(pipe.vae), vars_by_identity(pipe.image_processor)] == before
     assert vars(pipe.image_processor)["postprocess"] is own
 
 
@@ -101,13 +85,13 @@ def test_labels_name_each_part_in_a_profile_and_leave_vars_as_they_were():
     own = _own_postprocess(pipe.image_processor, calls)
     stage.call(1, "pil")  # the pipeline keeps some of a call's settings on itself
     calls.clear()
-    before = [_snapshot(pipe.vae), _snapshot(pipe.image_processor), set(vars(pipe))]
+    before = [vars_by_identity(pipe.vae), vars_by_identity(pipe.image_processor), set(vars(pipe))]
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         with labelled_methods(split_targets(pipe)) as parts:
             assert vars(pipe.image_processor)["postprocess"] is not own and "decode" in vars(pipe.vae)
             stage.call(1, "pil")
     assert parts == ["decode", "postprocess"] and calls == [1]  # the hook still ran, inside its label
-    assert [_snapshot(pipe.vae), _snapshot(pipe.image_processor), set(vars(pipe))] == before
+    assert [vars_by_identity(pipe.vae), vars_by_identity(pipe.image_processor), set(vars(pipe))] == before
     assert vars(pipe.image_processor)["postprocess"] is own and "decode" not in vars(pipe.vae)
     ranges = {event.name: event for event in prof.events() if event.name in parts}
     assert set(ranges) == {"decode", "postprocess"}
@@ -120,7 +104,7 @@ def test_labels_name_each_part_in_a_profile_and_leave_vars_as_they_were():
 def test_labels_are_removed_when_the_call_raises_and_skip_what_cannot_be_replaced():
     stage = build_case("sd-txt2img", size="tiny", steps=1).stages[0]
     pipe = stage.pipe
-    before = _snapshot(pipe.vae)
+    before = vars_by_identity(pipe.vae)
 
     class Slotted:
         __slots__ = ()
@@ -141,7 +125,7 @@ def test_labels_are_removed_when_the_call_raises_and_skip_what_cannot_be_replace
                 stage.call(1, "pil")
     finally:
         handle.remove()
-    assert _snapshot(pipe.vae) == before and "decode" not in vars(pipe.vae)
+    assert vars_by_identity(pipe.vae) == before and "decode" not in vars(pipe.vae)
 
 
 def test_if_stages_time_numpy_to_pil_where_they_have_no_vae():
@@ -166,7 +150,7 @@ def test_split_of_a_cell_adds_up_to_its_end_to_end_calls(monkeypatch):
         # Known sleeps in the decode and the post-processing: the split must find them where they are.
         _slow_decoder(pipe.vae, DECODE_SLEEP_S)
         _own_postprocess(pipe.image_processor, [], POSTPROCESS_SLEEP_S)
-        pipes.append((pipe, _snapshot(pipe.vae), _snapshot(pipe.image_processor)))
+        pipes.append((pipe, vars_by_identity(pipe.vae), vars_by_identity(pipe.image_processor)))
 
     monkeypatch.setitem(recipes.RECIPES, "slow-parts", slow_parts)
     settings = CellSettings(size="tiny", device=CPU, dtype=torch.float32, steps=2, warmup=1, repeats=3)
@@ -181,7 +165,7 @@ def test_split_of_a_cell_adds_up_to_its_end_to_end_calls(monkeypatch):
     # The split calls are other calls than the timed ones: their parts add up to about the same seconds.
     assert stage.loop_s + stage.decode_s + stage.postprocess_s == pytest.approx(stage.end_to_end_s, rel=0.25)
     pipe, vae_before, processor_before = pipes[0]
-    assert _snapshot(pipe.vae) == vae_before and _snapshot(pipe.image_processor) == processor_before
+    assert vars_by_identity(pipe.vae) == vae_before and vars_by_identity(pipe.image_processor) == processor_before
 
 
 # --- results.json and results.md -----------------------------------------------------------------------------

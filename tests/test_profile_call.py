@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import vars_by_identity
 
 from diffopt.bench.pipelines import build_case
 
@@ -18,22 +19,7 @@ _spec.loader.exec_module(profile_call)
 CPU = torch.device("cpu")
 #: Sleeps put into the decode and the post-processing, long enough to find on a busy CPU.
 DECODE_SLEEP_S, POSTPROCESS_SLEEP_S = 0.1, 0.05
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _steady_cpu():
-    # As in test_bench_end_to_end: no oneDNN kernel compiles per new shape, one thread for steady seconds.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with torch.backends.mkldnn.flags(enabled=False):
-            yield
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _snapshot(owner) -> dict:
-    return {name: id(value) for name, value in vars(owner).items()}
+pytestmark = pytest.mark.usefixtures("steady_cpu")
 
 
 def test_main_on_cpu_writes_a_split_that_adds_up_and_the_environment(tmp_path):
@@ -73,7 +59,7 @@ def test_profile_finds_each_part_where_it_is_and_leaves_the_pipeline_as_it_was()
     vars(pipe.image_processor)["postprocess"] = own_postprocess
     pipe.vae.decoder.register_forward_pre_hook(lambda module, args: time.sleep(DECODE_SLEEP_S))
     stage.call(1, "pil")  # the pipeline keeps some of a call's settings on itself
-    before = [_snapshot(pipe.vae), _snapshot(pipe.image_processor), set(vars(pipe))]
+    before = [vars_by_identity(pipe.vae), vars_by_identity(pipe.image_processor), set(vars(pipe))]
     calls.clear()
     result = profile_call.profile_stage(stage, 1, CPU, warmup=1)
     assert calls == [1, 1]  # the warm-up call's and the profiled call's: the hook ran inside its label
@@ -81,7 +67,7 @@ def test_profile_finds_each_part_where_it_is_and_leaves_the_pipeline_as_it_was()
     assert DECODE_SLEEP_S <= parts["decode"]["wall_s"] < DECODE_SLEEP_S + 0.5 * result["call_s"]
     assert POSTPROCESS_SLEEP_S <= parts["postprocess"]["wall_s"] < POSTPROCESS_SLEEP_S + 0.5 * result["call_s"]
     assert 0 < parts["loop"]["wall_s"] < result["call_s"] - DECODE_SLEEP_S - POSTPROCESS_SLEEP_S
-    assert [_snapshot(pipe.vae), _snapshot(pipe.image_processor), set(vars(pipe))] == before
+    assert [vars_by_identity(pipe.vae), vars_by_identity(pipe.image_processor), set(vars(pipe))] == before
     assert "decode" not in vars(pipe.vae) and vars(pipe.image_processor)["postprocess"] is own_postprocess
 
 
