@@ -1,5 +1,5 @@
 """Which way of compiling a ControlNet pipeline survives CUDA graphs? (tiny random models, on CUDA)
-    python benchmarks/controlnet_cudagraphs.py {diffopt|seed|unet_graphs_only}"""
+    python benchmarks/controlnet_cudagraphs.py {diffopt|docs|unet_graphs_only}"""
 import sys
 
 import torch
@@ -14,7 +14,7 @@ pipe = sd_pipeline(controlnet=tiny_controlnet()).to("cuda")
 run = lambda: run_pipeline(pipe.to("cuda"), steps=3)  # noqa: E731
 if variant == "diffopt":
     diffopt.optimize(pipe)
-elif variant == "seed":
+elif variant == "docs":
     pipe.unet = torch.compile(pipe.unet, mode="reduce-overhead", fullgraph=True)
     pipe.controlnet = torch.compile(pipe.controlnet, mode="reduce-overhead", fullgraph=True)
 elif variant == "unet_graphs_only":

@@ -4,7 +4,7 @@ the speed-up can be told apart from the others. Measured the way benchmarks/anch
 
     python benchmarks/levers.py VARIANT [BATCH] [STEPS]
 
-VARIANT joins tokens with '+': seed (SDPA + channels_last + compile reduce-overhead fullgraph),
+VARIANT joins tokens with '+': docs (diffusers' recipe: SDPA + channels_last + compile reduce-overhead fullgraph),
 cudnn_bench (torch.backends.cudnn.benchmark during capture), cudnn_attn / flash_attn / efficient_attn
 (SDPA kernel forced while compiling and running), freezing (inductor freezing + CUDA graphs),
 diffopt (diffopt.optimize defaults), nocputs (with diffopt: cpu_timesteps=False, the timesteps left on the
@@ -68,7 +68,7 @@ if "cudnn_bench" in tokens:
 if "diffopt" in tokens:
     import diffopt
     print(diffopt.optimize(pipe, cpu_timesteps="nocputs" not in tokens), flush=True)
-elif "seed" in tokens:
+elif "docs" in tokens:
     pipe.unet.to(memory_format=torch.channels_last)
     if "freezing" in tokens:
         pipe.unet = torch.compile(pipe.unet, fullgraph=True, options={"freezing": True, "triton.cudagraphs": True})

@@ -99,12 +99,9 @@ def test_classic_recipe_names_the_transformer_it_cannot_run():
         recipes.resolve("classic").apply(pipe)
 
 
-def test_seed_is_a_hidden_alias_of_diffusers_compile():
-    # Older results.json files name the docs page's recipe "seed": they still load, but help never offers it.
-    assert recipes.resolve("seed").function is recipes.diffusers_compile and recipes.resolve("seed").name == "seed"
-    assert "seed" not in recipes.choices()
+def test_help_lists_the_docs_pages_recipe_as_diffusers_compile():
     help_text = build_parser()._subparsers._group_actions[0].choices["bench"].format_help()
-    assert "seed" not in help_text and "diffusers-compile" in help_text
+    assert "diffusers-compile" in help_text
 
 
 def test_diffusers_compile_recipe_wraps_the_denoisers_in_torch_compile_without_compiling_yet():

@@ -135,20 +135,19 @@ def test_speedups_are_relative_to_sdpa(run):
     assert sd["classic"] == pytest.approx(sdpa.stages[0].median_s / classic.stages[0].median_s)
 
 
-@pytest.mark.parametrize("name", ["diffusers-compile", "seed"])  # "seed": its name in older results
-def test_chart_falls_back_to_the_docs_recipe_and_is_skipped_without_any_baseline(run, tmp_path, capsys, name):
+def test_chart_falls_back_to_the_docs_recipe_and_is_skipped_without_any_baseline(run, tmp_path, capsys):
     import dataclasses
 
     # A run that timed only compiled recipes: the sdpa cells renamed stand for it.
     compiled = dataclasses.replace(run, cells=[
-        dataclasses.replace(c, recipe=name) if c.recipe == "sdpa" else c for c in run.cells])  # fmt: skip
-    ups = output.speedups(compiled, name)[("sd-txt2img", 1)]
-    assert ups[name] == pytest.approx(1.0) and ups["classic"] == pytest.approx(output.speedups(run)[("sd-txt2img", 1)]["classic"])
+        dataclasses.replace(c, recipe="diffusers-compile") if c.recipe == "sdpa" else c for c in run.cells])  # fmt: skip
+    ups = output.speedups(compiled, "diffusers-compile")[("sd-txt2img", 1)]
+    assert ups["diffusers-compile"] == pytest.approx(1.0) and ups["classic"] == pytest.approx(output.speedups(run)[("sd-txt2img", 1)]["classic"])
     if importlib.util.find_spec("matplotlib"):
         assert output.plot_speedups(compiled, str(tmp_path / "chart.png")) is not None
     lone = run_benchmark(BenchSettings(pipelines=["sdxl"], recipes=["classic"], **QUICK))
     assert output.plot_speedups(lone, str(tmp_path / "speedup.png")) is None
-    assert "'sdpa', 'diffusers-compile', 'seed', 'compile'" in capsys.readouterr().err
+    assert "'sdpa', 'diffusers-compile', 'compile'" in capsys.readouterr().err
 
 
 def test_diffopt_recipe_calls_optimize_and_keeps_its_report():

@@ -58,8 +58,8 @@ def _summed_seconds(
 
 
 #: What the chart compares with, in order of preference: eager SDPA, else the docs page's compile recipe (a run
-#: that times only compiled recipes), else plain torch.compile. "seed" is that recipe's name in older results.
-CHART_BASELINES = (REFERENCE, "diffusers-compile", "seed", "compile")
+#: that times only compiled recipes), else plain torch.compile.
+CHART_BASELINES = (REFERENCE, "diffusers-compile", "compile")
 
 
 def speedups(
@@ -168,8 +168,8 @@ def quality_rows(run: BenchRun, batch_size: int) -> list[list[str]]:
 
 
 #: The recipes the end-to-end table gives a speed-up against, those of them the run has: eager SDPA, and the docs
-#: page's compile recipe ("seed" in older results).
-END_TO_END_BASELINES = (REFERENCE, "diffusers-compile", "seed")
+#: page's compile recipe.
+END_TO_END_BASELINES = (REFERENCE, "diffusers-compile")
 
 END_TO_END_NOTE = (
     "A call from `pipe(...)` to PIL images, median of the timed calls; IF: per stage, each stage's own call "

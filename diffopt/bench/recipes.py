@@ -114,9 +114,6 @@ CACHE_SETTINGS = {
     "cache_threshold": ("threshold", "FirstBlockCache"),
 }
 
-#: Names accepted but never listed: "seed" is the diffusers-compile recipe's name in older results.json files.
-ALIASES: dict[str, str] = {"seed": "diffusers-compile"}
-
 REFERENCE = "sdpa"  # eager diffusers default: speed-ups and output differences are measured against it
 
 
@@ -161,7 +158,6 @@ def resolve(spec: str) -> Recipe:
     name = spec.strip()
     expanded = PRESETS.get(name, name)
     base, _, option_text = expanded.partition(":")
-    base = ALIASES.get(base, base)
     if base not in RECIPES:
         raise ValueError(f"unknown recipe {base!r}; choose from: {', '.join(choices())}")
     options = parse_options(option_text)
