@@ -117,6 +117,18 @@ class FrozenOptions(dict):
 
     __setitem__ = __delitem__ = clear = pop = popitem = setdefault = update = __ior__ = _frozen
 
+    # copy and pickle rebuild a dict subclass item by item through __setitem__; these rebuild it whole instead.
+    def __reduce__(self):
+        return FrozenOptions, (dict(self),)
+
+    def __copy__(self):
+        return FrozenOptions(self)
+
+    def __deepcopy__(self, memo):
+        from copy import deepcopy
+
+        return FrozenOptions(deepcopy(dict(self), memo))
+
 
 CacheSetting = Union[None, str, DeepCache, FirstBlockCache]
 
@@ -231,7 +243,8 @@ class OptimizeConfig:
         for key in ("fullgraph",):
             if key in options:
                 check_bool(f"compile[{key!r}]", options[key])
-        if "dynamic" in options and options["dynamic"] not in (True, False, None):
+        # A bool or None, not merely equal to one: torch asserts on 1 and 0.
+        if "dynamic" in options and not (options["dynamic"] is None or isinstance(options["dynamic"], bool)):
             raise ValueError(f"compile['dynamic'] must be True, False or None, got {options['dynamic']!r}")
         if "options" in options and not isinstance(options["options"], Mapping):
             raise TypeError(f"compile['options'] must be a dict of inductor options, got {options['options']!r}")

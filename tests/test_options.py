@@ -26,6 +26,7 @@ def pipe():
         (dict(compile="yes"), TypeError, ["'yes'", "dict"]),
         (dict(compile={"mode": "turbo"}), ValueError, ["'turbo'", "'reduce-overhead'"]),
         (dict(compile={"fullgrph": True}), ValueError, ["fullgrph", "fullgraph"]),
+        (dict(compile={"dynamic": 1}), ValueError, ["compile['dynamic']", "1", "True, False or None"]),
         (dict(compile_vae="no"), TypeError, ["'no'"]),
         (dict(atention="sdpa"), TypeError, ["atention", "attention"]),
     ],

@@ -66,6 +66,35 @@ def test_a_deep_copy_is_an_independent_optimized_pipeline():
     assert torch.equal(run_pipeline(pipe), eager)
 
 
+def test_a_deep_copy_of_a_compiled_pipeline_runs_compiled_and_restores(compile_clean):
+    from diffopt.transforms.compile import CompiledCall
+
+    pipe = eager_pipe()
+    eager = run_pipeline(pipe)
+    diffopt.optimize(pipe, compile={"backend": "eager", "fullgraph": True})
+    compiled = run_pipeline(pipe)
+    twin = copy.deepcopy(pipe)
+    call = vars(twin.unet).get("_compiled_call_impl")
+    assert isinstance(call, CompiledCall) and call.module is twin.unet and call in layers_of(twin.unet)
+    assert call is not vars(pipe.unet)["_compiled_call_impl"]
+    assert torch.equal(run_pipeline(twin), compiled) and call.calls > 0  # the copy runs through its own compiled call
+    assert twin.unet.config is not None and dict(pipe.unet.config) == dict(twin.unet.config)
+    diffopt.restore(twin)
+    assert leftovers(twin) == [] and "_compiled_call_impl" not in vars(twin.unet) and is_optimized(pipe)
+    diffopt.restore(pipe)
+    assert torch.equal(run_pipeline(pipe), eager)
+
+
+def test_a_config_with_compile_options_copies_and_pickles():
+    from diffopt.config import FrozenOptions, OptimizeConfig
+
+    config = OptimizeConfig(compile={"backend": "eager", "options": {"max_autotune": False}})
+    for twin in (copy.copy(config), copy.deepcopy(config), pickle.loads(pickle.dumps(config))):
+        assert twin == config and type(twin.compile) is FrozenOptions
+        with pytest.raises(TypeError, match="read-only"):
+            twin.compile["mode"] = "default"
+
+
 def test_pickle_carries_the_optimization_and_refuses_compiled_code():
     pipe = eager_pipe()
     eager = run_pipeline(pipe)

@@ -233,7 +233,14 @@ class CompiledCall(Layer):
         from copy import deepcopy
 
         module = deepcopy(self.module, memo)  # memo: the copy of the module being copied
-        return CompiledCall(module, self.name, self.options, self.new_step, self.dynamic_batch, self.scalars_to)
+        twin = CompiledCall(module, self.name, self.options, self.new_step, self.dynamic_batch, self.scalars_to,
+                            self.cache)  # fmt: skip
+        twin.order = self.order  # the copy's undo runs in the same order as the original's
+        # torch's Module.__getstate__ leaves _compiled_call_impl out of a copy (torch >= 2.5), so the copy reaches
+        # this layer only through its record; install it where the original has it, or the copy runs uncompiled.
+        if vars(self.module).get(_ATTR) is self and _ATTR not in vars(module):
+            vars(module)[_ATTR] = twin
+        return twin
 
     def __reduce_ex__(self, protocol):
         raise TypeError(
