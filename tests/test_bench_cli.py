@@ -36,6 +36,8 @@ def _error(capsys, argv):
         (["--device", "tpu"], ["'tpu'", "cuda", "cpu"]),
         (["--weights", "/no/such/dir"], ["/no/such/dir"]),
         (["--steps", "-3"], ["'-3'"]),
+        (["--height", "500"], ["multiple of 8", "'500'"]),
+        (["--width", "0"], ["positive integer", "'0'"]),
     ],
 )
 def test_bad_values_are_named_with_the_choices(capsys, argv, expected):
@@ -210,6 +212,24 @@ def test_cuda_device_without_cuda_is_refused_before_anything_runs(tmp_path, caps
         main(["bench", "--device", "cuda", "--out", str(tmp_path)])
     assert exit_info.value.code == 2 and "is_available() is False" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("where", ["a file", "under a file"])
+def test_an_out_directory_that_cannot_be_written_is_refused_before_anything_runs(tmp_path, capsys, monkeypatch, where):
+    from diffopt.bench import command
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("the benchmark ran")
+
+    monkeypatch.setattr(command, "run_benchmark", must_not_run)
+    blocker = tmp_path / "results.txt"
+    blocker.write_text("not a directory")
+    out = blocker if where == "a file" else blocker / "run" / "1"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "--device", "cpu", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "--out" in err and "not a directory" in err and "Traceback" not in err
+    assert [p.name for p in tmp_path.iterdir()] == ["results.txt"]
 
 
 def test_a_stage_runs_alone_and_its_row_says_which(tmp_path, capsys):

@@ -184,3 +184,22 @@ def test_optimize_after_restore_reuses_the_graphs_and_a_dropped_model_is_freed()
     del unet
     gc.collect()
     assert alive() is None  # the entry kept per model does not keep the model
+
+
+@pytest.mark.parametrize("how", ["in place", "wrapped"])
+def test_a_unet_compiled_outside_diffopt_keeps_its_compile_and_its_weight_layout(how):
+    pipe = sd_pipeline()
+    if how == "in place":
+        pipe.unet.compile(backend="eager")
+        unet = pipe.unet
+    else:
+        pipe.unet = torch.compile(pipe.unet, backend="eager")
+        unet = pipe.unet._orig_mod
+    strides = [p.stride() for p in unet.parameters()]
+    report = diffopt.optimize(pipe)
+    rows = {(step.component, step.transform): step for step in report.steps}
+    assert rows[("unet", "compile")].status == "skipped" and "outside diffopt" in rows[("unet", "compile")].detail
+    assert rows[("unet", "memory_format")].status == "skipped"
+    assert [p.stride() for p in unet.parameters()] == strides
+    diffopt.restore(pipe)
+    assert [p.stride() for p in unet.parameters()] == strides

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Callable
+from typing import Callable, Optional
 
 from diffopt.bench.pipelines import PIPELINES, STAGES, TINY_STEPS, check_stages
 from diffopt.bench.recipes import resolve, split_specs
@@ -50,6 +50,26 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
     return value
+
+
+def _image_side(text: str) -> int:
+    value = _positive_int(text)
+    if value % 8:  # every pipeline's VAE or UNet halves the image three times
+        raise argparse.ArgumentTypeError(f"expected a multiple of 8, got {text!r}")
+    return value
+
+
+def _unwritable(path: str) -> Optional[str]:
+    """Why results cannot be written under ``path``, or None; creates nothing. Checked before the run, which may
+    take hours, rather than when its files are written."""
+    probe = os.path.abspath(path)
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        return f"{probe!r} is not a directory"
+    if not os.access(probe, os.W_OK | os.X_OK):
+        return f"{probe!r} is not writable"
+    return None
 
 
 def _recipes(text: str) -> list[str]:
@@ -101,8 +121,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:  # fmt: skip
     parser.add_argument("--steps", type=_positive_int, default=None,
                         help="denoising steps of every stage (default: SD 50, SDXL 30, IF 100/50/75, SD3 and "
                              f"Flux dev 28, Flux schnell 4; tiny: {TINY_STEPS})")
-    parser.add_argument("--height", type=_positive_int, default=None, help="image height (IF: of stage I)")
-    parser.add_argument("--width", type=_positive_int, default=None, help="image width (default: --height)")
+    parser.add_argument("--height", type=_image_side, default=None, help="image height (IF: of stage I)")
+    parser.add_argument("--width", type=_image_side, default=None, help="image width (default: --height)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help=_default("dtype"))
     parser.add_argument("--device", type=_device, default=None, help="default: cuda if available, else cpu")
     parser.add_argument("--size", choices=["full", "tiny"], default=None,
@@ -158,6 +178,9 @@ def check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         check_stages(settings_from(args).resolved().pipelines, args.stages)
     except ValueError as error:
         parser.error(f"argument --stages: {error}")
+    problem = _unwritable(args.out)
+    if problem:
+        parser.error(f"argument --out: cannot write results under {args.out!r}: {problem}")
 
 
 def run(args: argparse.Namespace, argv: list[str]) -> int:
