@@ -27,6 +27,7 @@ def pipe():
         (dict(compile={"mode": "turbo"}), ValueError, ["'turbo'", "'reduce-overhead'"]),
         (dict(compile={"fullgrph": True}), ValueError, ["fullgrph", "fullgraph"]),
         (dict(compile={"dynamic": 1}), ValueError, ["compile['dynamic']", "1", "True, False or None"]),
+        (dict(compile={"options": {"max_autotun": True}}), ValueError, ["'max_autotun'", "'max_autotune'", "list_options"]),
         (dict(compile_vae="no"), TypeError, ["'no'"]),
         (dict(atention="sdpa"), TypeError, ["atention", "attention"]),
     ],

@@ -6,12 +6,13 @@ clean keys, pipelines' ``isinstance`` checks hold), and undo removes it so the n
 """
 from __future__ import annotations
 
+import difflib
 import itertools
 import logging
 import time
 import types
 import weakref
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Mapping, Optional
 
 import torch
 
@@ -303,6 +304,24 @@ def dynamic_batch(config) -> bool:
     return config.dynamic_batch and (isinstance(config.compile, bool) or config.compile.get("dynamic", None) is not False)
 
 
+#: Keys of torch.compile's ``options`` that torch.compile reads itself rather than inductor's config.
+TORCH_COMPILE_OPTIONS = frozenset({"guard_filter_fn", "use_aoti"})
+
+
+def check_inductor_options(options: Mapping) -> None:
+    """Name the unknown keys of ``compile['options']`` here, before anything changes; inductor's own error comes at
+    the first call and lists all of its several hundred options."""
+    from torch._inductor import list_options  # imported only when options are given: inductor is slow to import
+
+    # torch.compile takes these out of `options` itself before inductor sees the rest.
+    unknown = sorted(str(key) for key in set(options) - set(list_options()) - TORCH_COMPILE_OPTIONS)
+    if unknown:
+        close = {key: difflib.get_close_matches(key, list_options(), n=1) for key in unknown}
+        hints = ", ".join(f"{key!r} (did you mean {match[0]!r}?)" if match else repr(key) for key, match in close.items())
+        raise ValueError(f"compile['options'] has unknown inductor option(s) {hints}; torch._inductor.list_options() "
+                         "lists the valid ones")  # fmt: skip
+
+
 def options_for(component: Component, ctx, report=None, block_cached: bool = False) -> Optional[Dict[str, Any]]:
     """The torch.compile options for ``component``, or None (with the reason in ``report``) when it is not
     compiled. Raises where the user named compile and it cannot run."""
@@ -328,6 +347,7 @@ def options_for(component: Component, ctx, report=None, block_cached: bool = Fal
     options = default_options(device)
     if not isinstance(config.compile, bool):  # a dict of torch.compile options over the defaults
         user = dict(config.compile)
+        check_inductor_options(user.get("options") or {})
         if "mode" not in user and not takes_mode(user):  # the default mode gives way (config.takes_mode)
             options.pop("mode", None)
         options.update(user)
