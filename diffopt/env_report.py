@@ -85,9 +85,14 @@ def print_env() -> int:
 def compile_cache_line() -> str:
     """Where saved compiles go by default, and how many entries are there."""
     from diffopt.compile_cache import ENV_VAR, resolve_directory
+    from diffopt.paths import why_not_writable
 
     directory = resolve_directory(None)
     if directory is None:
         return f"off ({ENV_VAR}={os.environ.get(ENV_VAR, '')!r})"
+    blocker = why_not_writable(directory)
+    if blocker:
+        return f"{directory}: {blocker}, so compiles will not be saved (move it with {ENV_VAR}, disable with {ENV_VAR}=off)"
     entries = len(list(directory.glob("*/meta.json"))) if directory.is_dir() else 0
     return f"{directory} ({entries} saved compiles; move it with {ENV_VAR}, disable with {ENV_VAR}=off)"
+

@@ -341,3 +341,15 @@ def test_import_diffopt_leaves_warnings_and_logging_alone():
             "assert warnings.filters == before; assert not logging.getLogger('torchao').filters; print('ok')")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.stdout.strip() == "ok", result.stderr
+
+
+def test_env_says_when_the_compile_cache_directory_cannot_be_used(tmp_path, monkeypatch):
+    from diffopt.env_report import compile_cache_line
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setenv("DIFFOPT_CACHE_DIR", str(blocker / "cache"))
+    line = compile_cache_line()
+    assert "is not a directory" in line and "will not be saved" in line and str(blocker) in line
+    monkeypatch.setenv("DIFFOPT_CACHE_DIR", str(tmp_path / "new" / "cache"))
+    assert "0 saved compiles" in compile_cache_line() and not (tmp_path / "new").exists()

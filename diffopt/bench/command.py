@@ -10,11 +10,12 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Callable, Optional
+from typing import Callable
 
 from diffopt.bench.pipelines import PIPELINES, STAGES, TINY_STEPS, check_stages
 from diffopt.bench.recipes import resolve, split_specs
 from diffopt.bench.runner import DEFAULTS, DTYPES, BenchSettings, run_benchmark
+from diffopt.paths import why_not_writable
 
 #: The exit status of a run ended by Ctrl-C, as a shell reports it (128 + SIGINT).
 INTERRUPTED_STATUS = 130
@@ -57,19 +58,6 @@ def _image_side(text: str) -> int:
     if value % 8:  # every pipeline's VAE or UNet halves the image three times
         raise argparse.ArgumentTypeError(f"expected a multiple of 8, got {text!r}")
     return value
-
-
-def _unwritable(path: str) -> Optional[str]:
-    """Why results cannot be written under ``path``, or None; creates nothing. Checked before the run, which may
-    take hours, rather than when its files are written."""
-    probe = os.path.abspath(path)
-    while not os.path.exists(probe):
-        probe = os.path.dirname(probe)
-    if not os.path.isdir(probe):
-        return f"{probe!r} is not a directory"
-    if not os.access(probe, os.W_OK | os.X_OK):
-        return f"{probe!r} is not writable"
-    return None
 
 
 def _recipes(text: str) -> list[str]:
@@ -178,7 +166,8 @@ def check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         check_stages(settings_from(args).resolved().pipelines, args.stages)
     except ValueError as error:
         parser.error(f"argument --stages: {error}")
-    problem = _unwritable(args.out)
+    # Checked before the run, which may take hours, rather than when its files are written.
+    problem = why_not_writable(args.out)
     if problem:
         parser.error(f"argument --out: cannot write results under {args.out!r}: {problem}")
 
