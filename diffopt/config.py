@@ -203,7 +203,7 @@ class OptimizeConfig:
     device_postprocess: bool = True
     #: Where compiled kernels are saved after the first call and loaded from in the next process: None, the
     #: default (``$DIFFOPT_CACHE_DIR``, else ``$XDG_CACHE_HOME/diffopt``, else ``~/.cache/diffopt``), a directory,
-    #: or False to neither save nor load. See :func:`diffopt.save_compiled` for images and serving.
+    #: or False to neither save nor load. For images and serving, pass a directory and bake it in after one warm-up call.
     compile_cache: Union[None, bool, str, "os.PathLike"] = None
     #: The options the user named; a feature the installed versions lack is an error when named here
     #: and a skip with a reason otherwise. Filled in by :meth:`from_options`.

@@ -27,6 +27,9 @@ LOGGED = {
     "torch.utils._pytree": [r".* is an Enum subclass and is now natively supported by torch\.compile"],
     # diffusers' torchao quantizer looks for tensor classes a recent torchao no longer has.
     "diffusers.quantizers.torchao.torchao_quantizer": [r"Unable to import `torchao` Tensor objects"],
+    # Without torchvision, transformers hands out the PIL image processors of the pipelines' CLIP and SigLIP
+    # feature extractors and says so; the images diffopt times never go through them.
+    "transformers.utils.import_utils": [r"`\w+ImageProcessor` requires torchvision \(not installed\); falling back"],
 }
 
 #: (category, message) of warnings.warn calls dropped. DeepFloyd IF's stage II hands the stage-I image, in

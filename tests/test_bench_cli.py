@@ -317,7 +317,23 @@ def test_env_prints_a_failing_gate_instead_of_crashing(monkeypatch, capsys):
 
 
 NOISE = ["_C_mxfp8", "Failed to load", "is an Enum subclass", "Unable to import `torchao` Tensor objects",
-         "value range in [-1,1] is deprecated"]
+         "value range in [-1,1] is deprecated", "requires torchvision (not installed)"]
+
+
+def test_quiet_drops_the_torchvision_fallback_notice_only_inside_its_block(caplog):
+    import logging
+
+    from diffopt.quiet import quiet_third_party
+
+    logger = logging.getLogger("transformers.utils.import_utils")
+    notice = ("`CLIPImageProcessor` requires torchvision (not installed); falling back to `CLIPImageProcessorPil` "
+              "for backward compatibility.")  # fmt: skip
+    with caplog.at_level(logging.WARNING, logger=logger.name):
+        with quiet_third_party():
+            logger.warning(notice)
+            logger.warning("another transformers warning")
+        logger.warning(notice)
+    assert [record.getMessage() for record in caplog.records] == ["another transformers warning", notice]
 
 
 def test_env_command_prints_no_third_party_noise():

@@ -285,9 +285,15 @@ def test_a_pipeline_without_an_image_processor_gets_no_line_unless_named():
         diffopt.optimize(pipe, device_postprocess=True, **ONLY_POSTPROCESS)
 
 
-def test_a_bare_model_gets_no_step_and_no_line():
-    report = diffopt.optimize(tiny_unet(), compile=False, device_postprocess=True)
+def test_a_bare_model_gets_no_step_and_no_line_unless_named():
+    unet = tiny_unet()
+    report = diffopt.optimize(unet, compile=False)
     assert not [s for s in report.steps if s.transform == "device_postprocess"]
+    diffopt.restore(unet)
+    before = snapshot(unet)
+    with pytest.raises(ValueError, match="device_postprocess=True needs a pipeline .* got UNet2DConditionModel"):
+        diffopt.optimize(unet, compile=False, device_postprocess=True)
+    assert_same(before, snapshot(unet))
 
 
 def test_a_diffusers_without_the_reused_method_skips_with_the_version_or_raises_when_named(monkeypatch):

@@ -99,9 +99,14 @@ def _blocker(target) -> Optional[str]:
 
 
 def plan(ctx) -> List[Step]:
-    if not ctx.config.device_postprocess or not is_pipeline(ctx.target):
+    if not ctx.config.device_postprocess:
         return []
     named = ctx.config.asks_for(NAME)
+    if not is_pipeline(ctx.target):
+        if named:  # the default is silently off on a bare model; named, it is a mistake worth hearing about
+            raise ValueError(f"device_postprocess=True needs a pipeline with an image_processor, got "
+                             f"{type(ctx.target).__name__}")  # fmt: skip
+        return []
     if getattr(ctx.target, COMPONENT, None) is None:
         # A pipeline that makes its images without an image processor (DeepFloyd IF; audio, video): nothing to do.
         if named:
