@@ -203,3 +203,18 @@ def test_a_unet_compiled_outside_diffopt_keeps_its_compile_and_its_weight_layout
     assert [p.stride() for p in unet.parameters()] == strides
     diffopt.restore(pipe)
     assert [p.stride() for p in unet.parameters()] == strides
+
+
+def test_apply_compile_over_a_compiled_module_puts_the_earlier_compile_back_on_undo():
+    from diffopt.transforms.compile import apply_compile, compiled_by_diffopt
+
+    unet = tiny_unet()
+    unet.compile(backend="eager")
+    theirs = vars(unet)["_compiled_call_impl"]
+    applied = apply_compile(unet, {"backend": "eager"})
+    assert compiled_by_diffopt(unet)
+    applied.undo()
+    assert vars(unet)["_compiled_call_impl"] is theirs and not compiled_by_diffopt(unet)
+    fresh = tiny_unet()
+    apply_compile(fresh, {"backend": "eager"}).undo()
+    assert "_compiled_call_impl" not in vars(fresh)  # nothing was there before: nothing is put back

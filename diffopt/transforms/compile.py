@@ -226,9 +226,14 @@ class CompiledCall(Layer):
             output = self.offloaded(module, *args, **kwargs)
         return hook.post_forward(module, output)
 
+    replaced = None  # set by apply_compile
+
     def undo(self, owner) -> None:
         if vars(owner).get(_ATTR) is self:
-            vars(owner).pop(_ATTR)
+            if self.replaced is None:
+                vars(owner).pop(_ATTR)
+            else:
+                vars(owner)[_ATTR] = self.replaced
 
     def __deepcopy__(self, memo):
         from copy import deepcopy
@@ -237,6 +242,7 @@ class CompiledCall(Layer):
         twin = CompiledCall(module, self.name, self.options, self.new_step, self.dynamic_batch, self.scalars_to,
                             self.cache)  # fmt: skip
         twin.order = self.order  # the copy's undo runs in the same order as the original's
+        # twin.replaced stays None: torch leaves a module's own compiled call out of its copies too.
         # torch's Module.__getstate__ leaves _compiled_call_impl out of a copy (torch >= 2.5), so the copy reaches
         # this layer only through its record; install it where the original has it, or the copy runs uncompiled.
         if vars(self.module).get(_ATTR) is self and _ATTR not in vars(module):
@@ -289,6 +295,7 @@ def apply_compile(module, options, new_step=False, dynamic_batch=False, scalars_
     """Compile ``module`` in place with ``options`` (a :class:`CompiledCall` attached to it)."""
     since = mark()
     call = CompiledCall(module, name or type(module).__name__, options, new_step, dynamic_batch, scalars_to, cache)
+    call.replaced = vars(module).get(_ATTR)  # a compiled call that was there before: undo puts it back
     setattr(module, _ATTR, call)
     return Applied(attach(module, call).detail, since, module)
 
