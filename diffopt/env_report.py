@@ -95,4 +95,3 @@ def compile_cache_line() -> str:
         return f"{directory}: {blocker}, so compiles will not be saved (move it with {ENV_VAR}, disable with {ENV_VAR}=off)"
     entries = len(list(directory.glob("*/meta.json"))) if directory.is_dir() else 0
     return f"{directory} ({entries} saved compiles; move it with {ENV_VAR}, disable with {ENV_VAR}=off)"
-

@@ -77,6 +77,11 @@ def compiled_by_diffopt(module: torch.nn.Module) -> bool:
     return isinstance(vars(module).get(_ATTR), CompiledCall)
 
 
+def compiled_elsewhere(module: torch.nn.Module) -> bool:
+    """Compiled by someone else: diffopt leaves its compile, and the weight strides its graphs guard on, as they are."""
+    return is_compiled(module) and not compiled_by_diffopt(module)
+
+
 def default_options(device: torch.device) -> Dict[str, Any]:
     """fullgraph everywhere (a graph break in a denoiser is a bug we want to hear about); CUDA graphs
     ("reduce-overhead") on CUDA, where per-kernel launch overhead dominates small batches; plain inductor
@@ -164,6 +169,7 @@ class CompiledCall(Layer):
         self.cache = cache  # a compile_cache.Entry, or None
         self.compiled = torch.compile(own_entry(module), **self.options)
         self.offloaded = None  # compiled lazily, the first time an offload hook is found
+        self.replaced = None  # the compiled call this one stands in for (apply_compile), put back by undo
         self.calls, self.warned = 0, False
         self.detail = describe(self.options) + "".join([
             ", dynamic batch" if dynamic_batch else "",
@@ -226,8 +232,6 @@ class CompiledCall(Layer):
             output = self.offloaded(module, *args, **kwargs)
         return hook.post_forward(module, output)
 
-    replaced = None  # set by apply_compile
-
     def undo(self, owner) -> None:
         if vars(owner).get(_ATTR) is self:
             if self.replaced is None:
@@ -242,9 +246,9 @@ class CompiledCall(Layer):
         twin = CompiledCall(module, self.name, self.options, self.new_step, self.dynamic_batch, self.scalars_to,
                             self.cache)  # fmt: skip
         twin.order = self.order  # the copy's undo runs in the same order as the original's
-        # twin.replaced stays None: torch leaves a module's own compiled call out of its copies too.
         # torch's Module.__getstate__ leaves _compiled_call_impl out of a copy (torch >= 2.5), so the copy reaches
         # this layer only through its record; install it where the original has it, or the copy runs uncompiled.
+        # (twin.replaced stays None for the same reason: the copy never had the call this one replaced.)
         if vars(self.module).get(_ATTR) is self and _ATTR not in vars(module):
             vars(module)[_ATTR] = twin
         return twin
@@ -321,9 +325,10 @@ def check_inductor_options(options: Mapping) -> None:
     from torch._inductor import list_options  # imported only when options are given: inductor is slow to import
 
     # torch.compile takes these out of `options` itself before inductor sees the rest.
-    unknown = sorted(str(key) for key in set(options) - set(list_options()) - TORCH_COMPILE_OPTIONS)
+    valid = list_options()
+    unknown = sorted(str(key) for key in set(options) - set(valid) - TORCH_COMPILE_OPTIONS)
     if unknown:
-        close = {key: difflib.get_close_matches(key, list_options(), n=1) for key in unknown}
+        close = {key: difflib.get_close_matches(key, valid, n=1) for key in unknown}
         hints = ", ".join(f"{key!r} (did you mean {match[0]!r}?)" if match else repr(key) for key, match in close.items())
         raise ValueError(f"compile['options'] has unknown inductor option(s) {hints}; torch._inductor.list_options() "
                          "lists the valid ones")  # fmt: skip
@@ -340,7 +345,7 @@ def options_for(component: Component, ctx, report=None, block_cached: bool = Fal
     explicit = config.asks_for("compile")
     reason = capabilities.require_or_skip(capabilities.compile(), explicit, "compile")
     module = component.module
-    if not reason and is_compiled(module) and not compiled_by_diffopt(module):
+    if not reason and compiled_elsewhere(module):
         reason = "already compiled outside diffopt; left as it is"
     if not reason:
         reason = offload_blocker(module) or ""

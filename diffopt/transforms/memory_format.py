@@ -9,7 +9,7 @@ from ..components import VAE, conv_share
 from ..layers import Applied, Layer, attach, mark
 from ..plan import Step
 from ..report import SKIPPED
-from .compile import compiled_by_diffopt, is_compiled
+from .compile import compiled_elsewhere
 
 NAME = "memory_format"
 FORMATS = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}
@@ -65,7 +65,7 @@ def plan(ctx) -> List[Step]:
             reason = f"only {share:.0%} of its weights are in conv layers; channels_last would not pay"
             ctx.report.add(component.name, NAME, SKIPPED, reason)
             continue
-        if is_compiled(component.module) and not compiled_by_diffopt(component.module) and not ctx.config.asks_for(NAME):
+        if compiled_elsewhere(component.module) and not ctx.config.asks_for(NAME):
             # Its graphs guard on the weights' strides: a new layout would make torch compile it again.
             ctx.report.add(component.name, NAME, SKIPPED, "compiled outside diffopt; its weights keep their layout")
             continue
