@@ -3,7 +3,7 @@
 # one keeps the others). Usage: bash benchmarks/gpu_bench.sh NAME:SECONDS:"bench args" ...
 set -u
 # Installed once per machine, so that several invocations can run side by side (one per GPU, CUDA_VISIBLE_DEVICES).
-# Their cold compiles then share the host's CPUs: on 2 H200s with 32 cores each took about 1.5x as long.
+# Their cold compiles then share the host's CPUs and each takes longer: run compile-bound invocations one after another.
 if [ ! -e /tmp/site/.installed ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && touch /tmp/site/.installed || exit 1
