@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from diffopt.bench import output, recipes
+from diffopt.bench import measure, output, recipes
 from diffopt.bench.env import OutOfMemoryError
 from diffopt.bench.runner import BenchSettings, run_benchmark
 
@@ -200,6 +200,29 @@ def test_an_interrupted_cell_keeps_its_finished_stages_and_ends_the_run(monkeypa
     assert [stage.label for stage in cell.stages] == ["I"] and cell.stages[0].steps_per_s > 0
     assert run.interrupted.startswith("interrupted in first call (stage II), batch 1 of if")
     assert "I" in output.format_cell(cell) and "interrupted" in output.format_cell(cell)
+
+
+def test_a_cell_stopped_in_its_calls_to_pil_images_keeps_its_loop_speed(monkeypatch):
+    """Ctrl-C during the end-to-end calls, after the denoising loop was timed: steps/s and fidelity stay."""
+    real_timed = measure._timed
+    output_types = []
+
+    def timed(stage, batch_size, output_type, device):
+        # The first call to PIL images right after another one: the first end-to-end call, after the first decode.
+        if output_type == "pil" and output_types[-1:] == ["pil"]:
+            raise KeyboardInterrupt
+        output_types.append(output_type)
+        return real_timed(stage, batch_size, output_type, device)
+
+    monkeypatch.setattr(measure, "_timed", timed)
+    settings = BenchSettings(pipelines=["sd-txt2img"], batch_sizes=[1], recipes=["sdpa"], **QUICK)
+    run = run_benchmark(settings)
+    (cell,) = run.cells
+    assert cell.status == "interrupted" and cell.error == "interrupted in end-to-end calls"
+    (stage,) = cell.stages
+    assert stage.steps_per_s > 0 and len(stage.times_s) == QUICK["repeats"]
+    assert stage.first_decode_call_s > 0 and stage.end_to_end_s is None and stage.loop_s is None
+    assert output.format_cell(cell).startswith(f"{stage.steps_per_s:.2f} / interrupted")
 
 
 def test_an_interruption_in_the_eager_reference_ends_the_run_before_any_cell(monkeypatch):

@@ -292,7 +292,7 @@ def measure_cell(
         references = reference.stages if reference is not None and not reference.error else []
         for index, stage in enumerate(case.stages):
             stage_reference = references[index] if index < len(references) else None
-            cell.stages.append(_measure_stage(stage, batch_size, settings, stage_reference, phase))
+            _measure_stage(stage, batch_size, settings, stage_reference, phase, into=cell.stages)
         cell.peak_memory_bytes = peak_memory_bytes(device)
         if next_batch_size is not None:
             _measure_new_shape(case, cell, next_batch_size, device, phase)
@@ -308,7 +308,11 @@ def measure_cell(
     return cell
 
 
-def _measure_stage(stage, batch_size, settings: CellSettings, reference: Optional[StageReference], phase: _Phase):
+def _measure_stage(
+    stage, batch_size, settings: CellSettings, reference: Optional[StageReference], phase: _Phase, into: list
+) -> None:
+    """Time ``stage`` and append its :class:`StageResult` to ``into`` as soon as the denoising loop's speed is known,
+    so that a cell stopped later, in its calls to PIL images, still reports that speed."""
     device, batch, repeats = settings.device, _batch(stage, batch_size), max(settings.repeats, 1)
     suffix = f" (stage {stage.label})" if stage.label else ""
     phase.name = "first call" + suffix
@@ -321,15 +325,9 @@ def _measure_stage(stage, batch_size, settings: CellSettings, reference: Optiona
     for _ in range(repeats):
         seconds, output = _timed(stage, batch, stage.timed_output, device)
         times.append(seconds)
-    phase.name = "first decode call" + suffix
-    first_decode_s, decoded = _timed(stage, batch, "pil", device)
-    phase.name = "end-to-end calls" + suffix
-    end_to_end = [_timed(stage, batch, "pil", device)[0] for _ in range(repeats)]
-    phase.name = "split calls" + suffix
-    split = median_split([split_call(stage, batch, device) for _ in range(repeats)])
     median = statistics.median(times)
     steps = reference.steps if reference else stage.steps
-    return StageResult(
+    result = StageResult(
         label=stage.label,
         batch_size=batch,
         steps=steps,
@@ -337,17 +335,20 @@ def _measure_stage(stage, batch_size, settings: CellSettings, reference: Optiona
         times_s=times,
         median_s=median,
         steps_per_s=steps / median,
-        end_to_end_s=statistics.median(end_to_end),
-        end_to_end_times_s=end_to_end,
-        first_decode_call_s=first_decode_s,
-        loop_s=split.loop_s,
-        decode_s=split.decode_s,
-        postprocess_s=split.postprocess_s,
         flops_per_step=reference.flops_per_step if reference else None,
         relative_l2=relative_l2(_to_cpu(output), reference.output if reference else None),
-        psnr_db=psnr(pixels(decoded), reference.image if reference else None),
-        ssim=ssim(pixels(decoded), reference.image if reference else None, device=device),
     )
+    into.append(result)
+    phase.name = "first decode call" + suffix
+    result.first_decode_call_s, decoded = _timed(stage, batch, "pil", device)
+    result.psnr_db = psnr(pixels(decoded), reference.image if reference else None)
+    result.ssim = ssim(pixels(decoded), reference.image if reference else None, device=device)
+    phase.name = "end-to-end calls" + suffix
+    result.end_to_end_times_s = [_timed(stage, batch, "pil", device)[0] for _ in range(repeats)]
+    result.end_to_end_s = statistics.median(result.end_to_end_times_s)
+    phase.name = "split calls" + suffix
+    split = median_split([split_call(stage, batch, device) for _ in range(repeats)])
+    result.loop_s, result.decode_s, result.postprocess_s = split.loop_s, split.decode_s, split.postprocess_s
 
 
 @dataclass
