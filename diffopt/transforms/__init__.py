@@ -4,7 +4,17 @@ what it changed on the objects it changed, so that undo needs nothing but those 
 
 :data:`ORDER` is the order they are planned and applied in; ``restore`` undoes in exactly the reverse order.
 """
-from . import attention_backend, cache, compile, fuse_projections, memory_format, postprocess, quantize, timesteps
+from . import (
+    attention_backend,
+    cache,
+    compile,
+    compile_blocks,
+    fuse_projections,
+    memory_format,
+    postprocess,
+    quantize,
+    timesteps,
+)
 
 # Processors first (compile must trace the final ones; fusing swaps some processors for fused ones, so it follows
 # the attention family); memory format before compile (compiled graphs specialize on weight strides); quantization
@@ -15,5 +25,5 @@ from . import attention_backend, cache, compile, fuse_projections, memory_format
 # before compile (it hooks only the image processor, which nothing else touches), compile last: it traces the cached
 # forward, so that the block wrappers and the clock flag they read become the guards of two graphs (full step,
 # cached step). The first-block cache is the exception that proves the order: it must wrap blocks that are already
-# compiled, so its planner plans both.
-ORDER = (attention_backend, fuse_projections, memory_format, quantize, timesteps, cache, postprocess, compile)
+# compiled, so its planner plans both. compile_blocks (opt-in) runs just before compile and takes the denoiser from it.
+ORDER = (attention_backend, fuse_projections, memory_format, quantize, timesteps, cache, postprocess, compile_blocks, compile)

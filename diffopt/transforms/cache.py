@@ -26,7 +26,7 @@ If ``pipe.scheduler`` is replaced after optimize, the next ``progress_bar`` call
 from __future__ import annotations
 
 import threading
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, List, Optional
 
 import torch
 
@@ -37,7 +37,7 @@ from ..layers import Applied, InstanceHook, Layer, attach, detach, find, layers_
 from ..plan import Step
 from ..report import SKIPPED
 from . import compile as compile_transform
-from .compile import describe, mark_batch_dynamic
+from .compile_blocks import apply_block_compile
 
 NAME = "cache"
 # The instance attributes diffusers' cache hooks leave behind after disable_cache(); removed on undo if new.
@@ -322,58 +322,6 @@ def apply_deepcache(
 def has_cache_hooks(model: torch.nn.Module) -> bool:
     """The model takes diffusers' cache configs (CacheMixin: Flux, Wan, LTX, QwenImage, ...)."""
     return all(callable(getattr(model, name, None)) for name in ("enable_cache", "disable_cache", "_reset_stateful_cache"))
-
-
-def transformer_blocks(model: torch.nn.Module) -> List[torch.nn.Module]:
-    """The repeated blocks: members of the model's ``*blocks`` ModuleLists (``transformer_blocks``,
-    ``single_transformer_blocks``, ...), the modules diffusers' first-block cache hooks."""
-    return [
-        block
-        for name, child in model.named_children()
-        if name.endswith("blocks") and isinstance(child, torch.nn.ModuleList)
-        for block in child
-    ]
-
-
-class _CompiledBlock(InstanceHook):
-    """A transformer block's ``forward`` through the compiled class function (shared by the blocks of a class)."""
-
-    transform = "compile"
-
-    def __init__(self, owner, function: Callable, dynamic_batch: bool):
-        super().__init__(owner, "forward")
-        self.compiled, self.dynamic_batch = function, dynamic_batch
-
-    def around(self, *args, **kwargs):
-        if self.dynamic_batch:  # as compile does for whole models: one graph for every batch size
-            mark_batch_dynamic(args, kwargs)
-        return self.compiled(self.owner, *args, **kwargs)
-
-    def __reduce_ex__(self, protocol):
-        raise TypeError("diffopt: compiled blocks cannot be pickled; call diffopt.restore(pipe) before pickling")
-
-
-def apply_block_compile(model: torch.nn.Module, options: Dict[str, Any], dynamic_batch: bool = False) -> Optional[Applied]:
-    """``torch.compile`` each transformer block's ``forward`` on its instance, so that hooks installed afterwards
-    (the first-block cache) run in eager code around the compiled blocks.
-
-    The first-block cache decides on the host whether to run the remaining blocks (``.item()`` of a residual
-    difference); inside one compiled model that decision would be a graph break. Compiled per block, every
-    compiled region is one whole block (fullgraph holds) and the decision sits between regions. The class's
-    ``forward`` is compiled once and takes the block as an argument, so blocks of one class share one graph
-    instead of counting against dynamo's recompile limit one by one (Flux has 38 single blocks).
-    """
-    blocks = transformer_blocks(model)
-    if not blocks:
-        return None
-    since, compiled = mark(), {}
-    for block in blocks:
-        cls = type(block)
-        function = compiled.setdefault(cls, torch.compile(cls.forward, **options))
-        _CompiledBlock(block, function, dynamic_batch).install()
-    kinds = ", ".join(sorted(cls.__name__ for cls in compiled))
-    detail = f"{describe(options)} on each of {len(blocks)} blocks ({kinds}), for the first-block cache"
-    return Applied(detail + (", dynamic batch" if dynamic_batch else ""), since, model)
 
 
 class _FirstBlockCache(Layer):

@@ -196,7 +196,7 @@ class CompiledCall(Layer):
             saved = self.cache is not None and self.cache.loaded.status == "loaded"
             logger.warning("diffopt: compiling %s with torch.compile (first call; %s)...", self.name,
                            "from the saved compile" if saved else "a minute or more for a full-size model")  # fmt: skip
-        graphs, started = _graphs_compiled(), time.perf_counter()
+        graphs, started = graphs_compiled(), time.perf_counter()
         with _recompile_limit(RECOMPILE_LIMIT):
             if hook is None or "_old_forward" not in vars(module):
                 output = self.compiled(module, *args, **kwargs)
@@ -208,20 +208,9 @@ class CompiledCall(Layer):
                     why = offload_blocker(module) or f"{type(hook).__name__} on {self.name}"
                     logger.warning("diffopt: %s; running it uncompiled", why)
                 output = module._call_impl(*args, **kwargs)
-        if first or _graphs_compiled() != graphs:
-            self._compiled(first, time.perf_counter() - started)
+        if first or graphs_compiled() != graphs:
+            compiled_report(self.name, self.cache, first, time.perf_counter() - started)
         return output
-
-    def _compiled(self, first: bool, seconds: float) -> None:
-        """Say what the call that compiled cost, and keep what it compiled: every new shape or variant (a batch
-        size, a LoRA, the cached step of a step cache) is saved too, so that a new process finds all of them."""
-        if first:
-            logger.warning("diffopt: compiled %s in %.1f s", self.name, seconds)
-        elif seconds > 1.0:
-            logger.warning("diffopt: compiled %s again for new inputs (a new shape or setting) in %.1f s", self.name, seconds)
-        saved = self.cache.after_compile(first) if self.cache is not None else None
-        if saved is not None:
-            logger.info("diffopt: %s", saved.detail)
 
     def _offloaded_call(self, hook, args, kwargs):
         module = self.module
@@ -260,11 +249,24 @@ class CompiledCall(Layer):
         )
 
 
-def _graphs_compiled() -> int:
+def graphs_compiled() -> int:
     """How many graphs dynamo has compiled in this process: a call that raises it compiled something."""
     from torch._dynamo.utils import counters
 
     return counters["stats"]["unique_graphs"]
+
+
+def compiled_report(name: str, cache, first: bool, seconds: float) -> None:
+    """After a call that compiled ``name``: say what it cost, and keep what it compiled in ``cache`` (a
+    compile_cache.Entry, or None). Every new shape or variant (a batch size, a LoRA, the cached step of a step
+    cache) is saved too, so that a new process finds all of them."""
+    if first:
+        logger.warning("diffopt: compiled %s in %.1f s", name, seconds)
+    elif seconds > 1.0:
+        logger.warning("diffopt: compiled %s again for new inputs (a new shape or setting) in %.1f s", name, seconds)
+    saved = cache.after_compile(first) if cache is not None else None
+    if saved is not None:
+        logger.info("diffopt: %s", saved.detail)
 
 
 class _nothing:

@@ -1,0 +1,135 @@
+"""compile_blocks=True: a transformer's repeated blocks compiled one graph per block class instead of the whole
+model; same output as eager, shared graphs, its own compile-cache entry, and restore leaves nothing behind."""
+import pytest
+import torch
+from conftest import (
+    CROSS_DIM, rel_l2, run_pipeline, sd3_pipeline, sd_pipeline, transformer_inputs, vars_by_identity,
+)
+from test_roundtrip import assert_same, snapshot
+from torch._dynamo.utils import counters
+
+import diffopt
+from diffopt import compile_cache
+from diffopt.transforms.compile_blocks import why_blocks_do_not_repeat
+
+pytestmark = pytest.mark.usefixtures("compile_clean")
+FAST = {"backend": "aot_eager"}  # real dynamo tracing and graph sharing, without inductor's code generation
+
+
+def deeper_flux(single=3):
+    """Two double-stream and ``single`` single-stream blocks: blocks of two classes."""
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(0)
+    return FluxTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=2, num_single_layers=single, attention_head_dim=8, num_attention_heads=2,
+        joint_attention_dim=CROSS_DIM, pooled_projection_dim=16, axes_dims_rope=(2, 2, 4),
+    ).eval()
+
+
+def run(model, inputs):
+    with torch.inference_mode():
+        return model(**inputs).sample
+
+
+def graphs_for(model):
+    """Optimize ``model`` with compile_blocks, check two calls against eager, and count the graphs they compiled."""
+    inputs = transformer_inputs(model)
+    eager = run(model, inputs)
+    report = diffopt.optimize(model, compile=FAST, compile_blocks=True)
+    (row,) = [s for s in report.steps if s.transform == "compile"]
+    assert row.status == "applied" and "FluxSingleTransformerBlock, FluxTransformerBlock" in row.detail
+    torch._dynamo.reset()
+    counters.clear()
+    assert rel_l2(run(model, inputs), eager) < 1e-5
+    graphs = counters["stats"]["unique_graphs"]
+    assert rel_l2(run(model, inputs), eager) < 1e-5
+    assert counters["stats"]["unique_graphs"] == graphs  # the second call compiles nothing
+    diffopt.restore(model)
+    return graphs
+
+
+def test_blocks_of_one_class_share_graphs_whatever_the_depth():
+    # One graph per block class, plus one for the first single-stream block, whose input is a whole tensor where
+    # the others get views of their predecessor's split output: three, for five blocks or for eight.
+    assert graphs_for(deeper_flux(single=3)) == graphs_for(deeper_flux(single=6)) == 3
+
+
+def test_restore_gives_back_the_model_bit_for_bit_with_no_leftover_attributes():
+    model = deeper_flux()
+    inputs = transformer_inputs(model)
+    eager = run(model, inputs)
+    before = {name: vars_by_identity(module) for name, module in model.named_modules()}
+    processors = dict(model.attn_processors)
+
+    diffopt.optimize(model, compile=FAST, compile_blocks=True)
+    assert all("forward" in vars(block) for block in model.transformer_blocks)
+    run(model, inputs)
+    diffopt.restore(model)
+
+    assert {name: vars_by_identity(module) for name, module in model.named_modules()} == before
+    assert model.attn_processors == processors
+    assert torch.equal(run(model, inputs), eager)
+
+
+def test_pipeline_round_trip():
+    pipe = sd3_pipeline()
+    eager = run_pipeline(pipe)
+    before = snapshot(pipe)
+
+    report = diffopt.optimize(pipe, compile=FAST, compile_blocks=True)
+    assert ("transformer", "compile", "applied") in {(s.component, s.transform, s.status) for s in report.steps}
+    assert rel_l2(run_pipeline(pipe), eager) < 1e-4
+
+    diffopt.restore(pipe)
+    assert_same(before, snapshot(pipe))
+    assert torch.equal(run_pipeline(pipe), eager)
+
+
+def test_a_unet_is_refused_and_left_as_it_was():
+    pipe = sd_pipeline()
+    before = snapshot(pipe)
+    with pytest.raises(ValueError, match=r"compile_blocks=True: the blocks of UNet2DConditionModel\.down_blocks"):
+        diffopt.optimize(pipe, compile_blocks=True)
+    assert_same(before, snapshot(pipe))
+    assert why_blocks_do_not_repeat(deeper_flux()) is None
+
+
+@pytest.mark.parametrize("value", ["yes", 1, None])
+def test_compile_blocks_must_be_a_bool(value):
+    with pytest.raises((TypeError, ValueError), match="compile_blocks"):
+        diffopt.OptimizeConfig(compile_blocks=value)
+
+
+def test_compile_blocks_with_compile_off_is_an_error():
+    with pytest.raises(ValueError, match="compile_blocks=True .* compile=False"):
+        diffopt.optimize(deeper_flux(), compile=False, compile_blocks=True)
+
+
+@pytest.mark.compile
+def test_inductor_blocks_are_saved_to_their_own_compile_cache_entry(tmp_path, caplog):
+    model = deeper_flux()
+    inputs = transformer_inputs(model)
+    eager = run(model, inputs)
+
+    report = diffopt.optimize(model, compile_blocks=True, compile_cache=tmp_path)
+    (row,) = [s for s in report.steps if s.transform == "compile"]
+    assert "no saved compile yet" in row.detail
+    with caplog.at_level("INFO", logger="diffopt"):
+        assert rel_l2(run(model, inputs), eager) < 1e-4
+    assert "compiling the 5 blocks of FluxTransformer2DModel" in caplog.text
+    assert "compiled the blocks of FluxTransformer2DModel in" in caplog.text
+    (entry,) = [path.parent for path in tmp_path.glob(f"*/{compile_cache.META}")]  # the entry was written
+    assert (entry / compile_cache.ARTIFACTS).stat().st_size > 0
+
+    # A whole-model compile of the same model uses another entry: blocks' artifacts never stand in for it.
+    diffopt.restore(model)
+    report = diffopt.optimize(model, compile_cache=tmp_path, compile={"backend": "inductor"})
+    (row,) = [s for s in report.steps if s.transform == "compile"]
+    assert "no saved compile yet" in row.detail
+    diffopt.restore(model)
+    # And the blocks again find theirs.
+    report = diffopt.optimize(model, compile_blocks=True, compile_cache=tmp_path)
+    (row,) = [s for s in report.steps if s.transform == "compile"]
+    assert "loaded" in row.detail and str(entry.name) in row.detail
+    diffopt.restore(model)
