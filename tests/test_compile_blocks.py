@@ -133,3 +133,23 @@ def test_inductor_blocks_are_saved_to_their_own_compile_cache_entry(tmp_path, ca
     (row,) = [s for s in report.steps if s.transform == "compile"]
     assert "loaded" in row.detail and str(entry.name) in row.detail
     diffopt.restore(model)
+
+
+def test_a_deep_copy_runs_its_own_compiled_blocks_and_restores_alone_and_pickling_refuses():
+    import copy
+    import pickle
+
+    model = deeper_flux()
+    inputs = transformer_inputs(model)
+    eager = run(model, inputs)
+    diffopt.optimize(model, compile=FAST, compile_blocks=True)
+    twin = copy.deepcopy(model)
+    assert all(block.forward.owner is block for block in twin.transformer_blocks)  # hooks on the copy's blocks
+    assert rel_l2(run(twin, inputs), eager) < 1e-5
+    diffopt.restore(twin)
+    assert not any("forward" in vars(module) for module in twin.modules())
+    assert "forward" in vars(model.transformer_blocks[0])  # the original is still compiled
+    with pytest.raises(TypeError, match="restore"):
+        pickle.dumps(model)
+    diffopt.restore(model)
+    assert torch.equal(run(model, inputs), eager) and torch.equal(run(twin, inputs), eager)

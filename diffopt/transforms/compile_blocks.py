@@ -62,7 +62,26 @@ def why_blocks_do_not_repeat(model: torch.nn.Module) -> Optional[str]:
     return None
 
 
-class _CompiledBlock(InstanceHook):
+class _NotPickled(InstanceHook):
+    """Compiled code cannot be pickled; ``copy.deepcopy`` copies the hook with its module and shares what it
+    compiled (the compiled function takes the block as an argument, so it serves the copy's blocks too)."""
+
+    shared = ("compiled", "cache")
+
+    def __reduce_ex__(self, protocol):
+        raise TypeError("diffopt: compiled blocks cannot be pickled; call diffopt.restore(pipe) before pickling")
+
+    def __deepcopy__(self, memo):
+        from copy import deepcopy
+
+        twin = object.__new__(type(self))
+        memo[id(self)] = twin
+        for key, value in vars(self).items():
+            setattr(twin, key, value if key in self.shared else deepcopy(value, memo))
+        return twin
+
+
+class _CompiledBlock(_NotPickled):
     """A transformer block's ``forward`` through the compiled class function (shared by the blocks of a class)."""
 
     transform = "compile"
@@ -76,11 +95,8 @@ class _CompiledBlock(InstanceHook):
             mark_batch_dynamic(args, kwargs)
         return self.compiled(self.owner, *args, **kwargs)
 
-    def __reduce_ex__(self, protocol):
-        raise TypeError("diffopt: compiled blocks cannot be pickled; call diffopt.restore(pipe) before pickling")
 
-
-class _BlocksCompiled(InstanceHook):
+class _BlocksCompiled(_NotPickled):
     """On the model's ``forward``: says what the first call compiles and how long it took, and saves the compiled
     blocks to the compile cache after every call that compiled something (a new shape too)."""
 
@@ -103,9 +119,6 @@ class _BlocksCompiled(InstanceHook):
         if first or graphs_compiled() != graphs:
             compiled_report(f"the blocks of {self.label}", self.cache, first, time.perf_counter() - started)
         return output
-
-    def __reduce_ex__(self, protocol):
-        raise TypeError("diffopt: compiled blocks cannot be pickled; call diffopt.restore(pipe) before pickling")
 
 
 def apply_block_compile(
