@@ -71,6 +71,17 @@ def test_a_failed_optimize_puts_back_the_optimization_of_a_pipeline_sharing_its_
     assert leftovers(pipe) == [] and leftovers(other) == []
 
 
+def test_restore_keeps_the_decoder_processors_when_compile_vae_changed_nothing_on_it():
+    pipe = eager_pipe()
+    processors = {name: type(p) for name, p in pipe.vae.attn_processors.items()}
+    report = diffopt.optimize(pipe, compile=False, compile_vae=True)
+    assert not [s for s in report.applied if s.component == "vae.decoder"]
+    report = diffopt.restore(pipe)
+    assert not [s for s in report.steps if s.component == "vae.decoder"]
+    assert {name: type(p) for name, p in pipe.vae.attn_processors.items()} == processors
+    assert not any(layers_of(m) for m in pipe.vae.modules())
+
+
 def test_a_deep_copy_is_an_independent_optimized_pipeline():
     pipe = eager_pipe()
     eager = run_pipeline(pipe)
