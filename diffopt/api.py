@@ -7,13 +7,15 @@ the objects a pipeline holds, newest first. Neither keeps anything on the side: 
 """
 from __future__ import annotations
 
+import copy
 import logging
-from typing import Any, List, Optional
+import weakref
+from typing import Any, List, Optional, Tuple
 
 from . import transforms
 from .components import check_target, default_attention_family, find_components, is_pipeline
 from .config import RESTORE_ATTENTION_CHOICES, OptimizeConfig, check_choice
-from .layers import Layer, attach, find, layers_of, mark, undo_all
+from .layers import Layer, attach, layers_of, mark, undo_all
 from .plan import Context, Step
 from .report import APPLIED, SKIPPED, UNCHANGED, Report
 from .transforms import compile as compile_transform
@@ -24,16 +26,34 @@ logger = logging.getLogger(__name__)
 
 
 class Optimized(Layer):
-    """On the pipeline (or bare model): the options it was last optimized with, so that a failed re-optimize can
-    put them back. Changes nothing itself."""
+    """On the pipeline (or bare model) and on each of its components: the options it was last optimized with, and
+    a weak reference to what was optimized, so that a failed optimize can put them back. On the components too,
+    because a pipeline that shares them (``from_pipe``) takes their layers off when it is optimized, and if that
+    fails, the other pipeline's optimization must come back as well. Changes nothing itself."""
 
     transform = "optimize"
 
-    def __init__(self, config: OptimizeConfig):
+    def __init__(self, config: OptimizeConfig, target: Any):
         self.config = config
+        self.target = weakref.ref(target)
+
+    def optimized(self) -> Optional[Any]:
+        """What was optimized with ``config``, or None when it is gone (or this record was unpickled)."""
+        return self.target() if self.target is not None else None
 
     def undo(self, owner) -> None:
         pass
+
+    # A weak reference cannot be pickled, and a copy must not point at the original pipeline.
+    def __getstate__(self):
+        return {**vars(self), "target": None}
+
+    def __deepcopy__(self, memo):
+        twin = copy.copy(self)  # the config is frozen: shared
+        target = self.optimized()
+        if target is not None and id(target) in memo:  # copied along with what it optimized: point at that copy
+            twin.target = weakref.ref(memo[id(target)])
+        return twin
 
 
 #: The parts of a pipeline, beside its models, that transforms hook (timesteps and step caching the scheduler, the
@@ -121,9 +141,9 @@ def optimize(target, config: Optional[OptimizeConfig] = None, **options) -> Repo
     # Dry run first: bad targets and missing features the user named raise here, with nothing touched.
     _plan(target, config, Report())
 
-    previous = find(target, Optimized)
     # A notebook cell run twice: back to the original state first, so nothing is ever wrapped or converted twice.
-    _, errors = undo_all(_owners(target))
+    # This also takes off what another pipeline sharing these components (from_pipe) applied to them.
+    undone, errors = undo_all(_owners(target))
     if errors:
         raise errors[0]
     report = Report("optimize")
@@ -139,17 +159,31 @@ def optimize(target, config: Optional[OptimizeConfig] = None, **options) -> Repo
             report.add(step.component, step.transform, APPLIED, detail)
             logger.info("diffopt: %s %s: %s", step.component, step.transform, detail)
         if report.applied:
-            attach(target, Optimized(config))
+            owners = [target] + [c.module for c in find_components(target, include_vae=config.compile_vae)]
+            for owner in {id(owner): owner for owner in owners}.values():  # a bare model is its own component
+                attach(owner, Optimized(config, target))
     except BaseException:  # an error, or Ctrl-C half-way: leave nothing of this call behind
         undo_all(_owners(target), since)
-        if previous is not None:
-            try:  # and put back what the user had: optimized with the previous options
-                optimize(target, previous.config)
+        # And put back what the user had: this target and any pipeline sharing its components, each optimized
+        # with its previous options, oldest first so that shared components end up as they were.
+        for previous, previous_config in _previous_optimizations(undone):
+            try:
+                optimize(previous, previous_config)
             except Exception:  # the error that started the rollback is the one the user must see
                 logger.exception("diffopt: re-applying the previous options after a failed optimize did not complete")
         raise
     _warn_pending_lora_hotswap(target, report)
     return report
+
+
+def _previous_optimizations(undone) -> List[Tuple[Any, OptimizeConfig]]:
+    """The targets whose optimization an undo took off, with their options, in the order they were optimized."""
+    found = {}
+    for _, layer in reversed(undone):  # undone is newest first
+        target = layer.optimized() if isinstance(layer, Optimized) else None
+        if target is not None:
+            found.setdefault(id(target), (target, layer.config))
+    return list(found.values())
 
 
 def _warn_pending_lora_hotswap(target, report: Report) -> None:
@@ -194,7 +228,9 @@ def restore(target, attention: str = "default") -> Report:
     if errors:
         raise errors[0]
     if attention == "default":
-        vae_touched = any(names.get(id(owner)) == "vae.decoder" for owner, _ in done)
+        vae_touched = any(
+            names.get(id(owner)) == "vae.decoder" and not isinstance(layer, Optimized) for owner, layer in done
+        )
         for component in find_components(target, include_vae=vae_touched):
             family = default_attention_family(component.module)
             applied = apply_attention(component.module, family, record=False)

@@ -29,6 +29,8 @@ def _error(capsys, argv):
         (["--recipes", "diffopt:attention=fast"], ["'fast'", "sdpa", "flash"]),
         (["--recipes", "diffopt:turbo=1"], ["'turbo'", "attention", "compile", "quantize"]),
         (["--recipes", "diffopt:compile"], ["key=value", "'compile'"]),
+        (["--recipes", "diffopt:attention=sdpa,attention=flash"], ["'attention'", "twice"]),
+        (["--recipes", "diffopt-nocompile:attention=flash"], ["preset", "diffopt:compile=False,attention=flash"]),
         (["--batch-sizes", "1,0"], ["positive integer", "'0'"]),
         (["--batch-sizes", "1,four"], ["'four'"]),
         (["--dtype", "fp8"], ["'fp8'", "bf16", "fp16", "fp32"]),

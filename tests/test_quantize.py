@@ -159,6 +159,19 @@ def test_a_model_with_nothing_worth_quantizing_is_skipped_with_the_reason():
     diffopt.restore(unet)
 
 
+def test_a_float64_model_is_skipped_with_the_reason_instead_of_failing_in_torchao():
+    unet = tiny_unet().to(torch.float64)
+    if not TORCHAO.ok:
+        pytest.skip(TORCHAO.reason)
+    before = {k: v.clone() for k, v in unet.state_dict().items()}
+    for mode in INT8_MODES:
+        report = diffopt.optimize(unet, quantize=mode, compile=False)
+        (step,) = [s for s in report.steps if s.transform == "quantize"]
+        assert step.status == "skipped" and quantize_transform.DTYPE in step.detail and not quantized_weights(unet)
+    diffopt.restore(unet)
+    assert all(torch.equal(value, unet.state_dict()[key]) for key, value in before.items())
+
+
 # --- fidelity and round trip (torchao, CPU) -----------------------------------------------------------------
 
 

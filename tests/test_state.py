@@ -47,6 +47,41 @@ def test_pipelines_sharing_components_optimize_and_restore_in_any_order(order):
     assert diffopt.restore(pipe).applied == []  # nothing left to undo
 
 
+@pytest.mark.parametrize("other_optimized", [False, True])
+def test_a_failed_optimize_puts_back_the_optimization_of_a_pipeline_sharing_its_components(monkeypatch, other_optimized):
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    from diffopt.transforms import compile as compile_transform
+
+    pipe = eager_pipe()
+    other = StableDiffusionImg2ImgPipeline.from_pipe(pipe)
+    if other_optimized:  # optimized last, so the shared UNet holds its options
+        diffopt.optimize(pipe, compile=False, memory_format="contiguous")
+    diffopt.optimize(other if other_optimized else pipe, compile=False)
+    before, cached = snapshot(pipe), snapshot(other)
+    monkeypatch.setattr(compile_transform, "apply_compile", lambda m, o, *extras, **kw: (_ for _ in ()).throw(RuntimeError("boom")))
+    with pytest.raises(RuntimeError, match="boom"):
+        diffopt.optimize(pipe if other_optimized else other, compile=True)
+    monkeypatch.undo()
+    # The shared UNet is still optimized, as both pipelines had it: SDPA processors, channels_last weights.
+    assert_same(before, snapshot(pipe))
+    assert_same(cached, snapshot(other))
+    diffopt.restore(pipe)
+    diffopt.restore(other)
+    assert leftovers(pipe) == [] and leftovers(other) == []
+
+
+def test_restore_keeps_the_decoder_processors_when_compile_vae_changed_nothing_on_it():
+    pipe = eager_pipe()
+    processors = {name: type(p) for name, p in pipe.vae.attn_processors.items()}
+    report = diffopt.optimize(pipe, compile=False, compile_vae=True)
+    assert not [s for s in report.applied if s.component == "vae.decoder"]
+    report = diffopt.restore(pipe)
+    assert not [s for s in report.steps if s.component == "vae.decoder"]
+    assert {name: type(p) for name, p in pipe.vae.attn_processors.items()} == processors
+    assert not any(layers_of(m) for m in pipe.vae.modules())
+
+
 def test_a_deep_copy_is_an_independent_optimized_pipeline():
     pipe = eager_pipe()
     eager = run_pipeline(pipe)

@@ -158,6 +158,11 @@ def resolve(spec: str) -> Recipe:
     name = spec.strip()
     expanded = PRESETS.get(name, name)
     base, _, option_text = expanded.partition(":")
+    if base in PRESETS:  # "diffopt-nocompile:attention=flash": a preset is a whole spec, not a base for options
+        raise ValueError(
+            f"recipe {base!r} is a preset and takes no options; write its spec with yours: "
+            f"{PRESETS[base]},{option_text}"
+        )
     if base not in RECIPES:
         raise ValueError(f"unknown recipe {base!r}; choose from: {', '.join(choices())}")
     options = parse_options(option_text)
@@ -221,6 +226,8 @@ def parse_options(text: str) -> dict[str, Any]:
         key, equals, value = item.partition("=")
         if not equals or not key.strip():
             raise ValueError(f"recipe option must look like key=value, got {item!r}")
+        if key.strip() in options:  # the last one would win silently, under a recipe name that shows both
+            raise ValueError(f"recipe option {key.strip()!r} given twice in {text!r}")
         options[key.strip()] = _literal(value.strip())
     return options
 

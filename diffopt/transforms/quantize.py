@@ -20,8 +20,8 @@ the linear ``proj_in``/``proj_out`` of SDXL-style transformer blocks), except
 * layers whose in/out features are not multiples of :data:`ALIGNMENT` for the mode: ``torch._scaled_mm``
   (fp8) needs multiples of 16, cuBLAS int8 GEMMs multiples of 8 (torchao otherwise falls back to an int32
   matmul on the CPU);
-* weights that are already quantized or not floating point, or shared with another module (tied weights: moving
-  the original off the GPU would move it from under the other module too).
+* weights that are already quantized or not floating point, in a dtype torchao does not take (float64), or shared
+  with another module (tied weights: moving the original off the GPU would move it from under the other module too).
 
 Convolutions stay as they are: torchao's int8 configs handle Linear layers only, and the UNet's convolutions
 are where its fp16 time goes with cuDNN kernels that 8-bit weights would not speed up.
@@ -60,6 +60,9 @@ OUTPUT = "final output projection"
 NARROW = f"under {MIN_FEATURES} features"
 UNALIGNED = "features not a multiple of {}"
 NOT_FLOAT = "weight already quantized or not floating point"
+#: The weight dtypes torchao's configs take; on any other (float64) its quantize asserts on the dtype.
+QUANTIZABLE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+DTYPE = "weight in a dtype torchao does not quantize (it takes float32, float16, bfloat16)"
 SHARED = "weight shared with another module"
 LEFT_BY_TORCHAO = "left unquantized by torchao"
 
@@ -82,6 +85,8 @@ def skip_reason(
     weight = linear.weight
     if type(weight) is not torch.nn.Parameter or not weight.is_floating_point():
         return NOT_FLOAT
+    if weight.dtype not in QUANTIZABLE_DTYPES:
+        return DTYPE
     if shared:
         return SHARED
     if _is_conditioning(name, ancestors):
