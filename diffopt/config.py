@@ -222,6 +222,9 @@ class OptimizeConfig:
         if self.compile_blocks and self.compile is False:
             raise ValueError("compile_blocks=True compiles the denoiser's blocks, but compile=False turns compiling off; "
                              "drop one of them")  # fmt: skip
+        if self.dynamic_batch and (self.compile is False or (isinstance(self.compile, Mapping) and self.compile.get("dynamic") is False)):
+            raise ValueError(f"dynamic_batch=True marks the batch dimension of compiled graphs dynamic, but compile={self.compile!r} "
+                             "rules that out; drop one of them")  # fmt: skip
         check_bool("dynamic_batch", self.dynamic_batch)
         check_cache(self.cache)
         check_choice("quantize", self.quantize, QUANTIZE_CHOICES)

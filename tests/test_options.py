@@ -29,6 +29,10 @@ def pipe():
         (dict(compile={"dynamic": 1}), ValueError, ["compile['dynamic']", "1", "True, False or None"]),
         (dict(compile={"options": {"max_autotun": True}}), ValueError, ["'max_autotun'", "'max_autotune'", "list_options"]),
         (dict(compile_vae="no"), TypeError, ["'no'"]),
+        (dict(compile_blocks="no"), TypeError, ["compile_blocks", "'no'"]),
+        (dict(compile_blocks=True), ValueError, ["compile_blocks=True", "UNet2DConditionModel.down_blocks"]),
+        (dict(dynamic_batch=True, compile=False), ValueError, ["dynamic_batch=True", "compile=False"]),
+        (dict(dynamic_batch=True, compile={"dynamic": False}), ValueError, ["dynamic_batch=True", "'dynamic': False"]),
         (dict(atention="sdpa"), TypeError, ["atention", "attention"]),
     ],
 )
