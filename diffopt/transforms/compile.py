@@ -314,7 +314,7 @@ def names_mode(config) -> bool:
 
 
 def dynamic_batch(config) -> bool:
-    return config.dynamic_batch and (isinstance(config.compile, bool) or config.compile.get("dynamic", None) is not False)
+    return config.dynamic_batch  # the config refuses it together with compile=False or compile={"dynamic": False}
 
 
 #: Keys of torch.compile's ``options`` that torch.compile reads itself rather than inductor's config.
