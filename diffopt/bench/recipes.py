@@ -97,6 +97,8 @@ RECIPES: dict[str, Callable[..., Optional[str]]] = {
 # Short names for specs; e.g. PRESETS["diffopt-max-autotune"] = "diffopt:mode='max-autotune'".
 PRESETS: dict[str, str] = {
     "diffopt-nocompile": "diffopt:compile=False",
+    # Regional compilation of a transformer's repeated blocks: compare its first call and steady speed with diffopt's.
+    "diffopt-blocks": "diffopt:compile_blocks=True",
     # Opt-in quantization (torchao): their cells' rel. L2 and PSNR columns show what it costs in fidelity.
     "diffopt-fp8": "diffopt:quantize='fp8'",
     "diffopt-int8": "diffopt:quantize='int8'",
