@@ -3,8 +3,9 @@
 Flux has 19 double-stream and 38 single-stream blocks, SD3 Medium 24 joint blocks: the same code on the same shapes,
 each with its own weights. Compiled whole, the model is one graph that inductor lowers and generates code for block
 by block, so the first call pays for every block. Compiled here, each block class's ``forward`` is compiled once and
-takes the block as an argument (its weights are graph inputs), so every block of a class runs the one graph, and the
-first call pays for one block of each class. The code around the blocks (embeddings, final norm and projection) runs
+takes the block as an argument (its weights are graph inputs), so every block of a class runs the same graph (or one
+more, where the first block of a class gets its input in another memory layout: Flux's first single-stream block),
+and the first call pays for one block of each class. The code around the blocks (embeddings, final norm and projection) runs
 eager. UNets are not covered: their down and up blocks differ in channels and resolution, so there is nothing to
 share (compiling them one by one takes longer than compiling the whole UNet).
 
