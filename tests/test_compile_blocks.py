@@ -33,9 +33,10 @@ def run(model, inputs):
 
 
 def graphs_for(model):
-    """Optimize ``model`` with compile_blocks, check two calls against eager, and count the graphs they compiled."""
-    inputs = transformer_inputs(model)
-    eager = run(model, inputs)
+    """Optimize ``model`` with compile_blocks, check calls at batch 1 and then 2 against eager, and count the graphs
+    the first call compiled and those the new batch size added."""
+    inputs, larger = transformer_inputs(model), transformer_inputs(model, batch=2)
+    eager, eager_larger = run(model, inputs), run(model, larger)
     report = diffopt.optimize(model, compile=FAST, compile_blocks=True)
     (row,) = [s for s in report.steps if s.transform == "compile"]
     assert row.status == "applied" and "FluxSingleTransformerBlock, FluxTransformerBlock" in row.detail
@@ -45,14 +46,17 @@ def graphs_for(model):
     graphs = counters["stats"]["unique_graphs"]
     assert rel_l2(run(model, inputs), eager) < 1e-5
     assert counters["stats"]["unique_graphs"] == graphs  # the second call compiles nothing
+    assert rel_l2(run(model, larger), eager_larger) < 1e-5
+    added = counters["stats"]["unique_graphs"] - graphs
     diffopt.restore(model)
-    return graphs
+    return graphs, added
 
 
 def test_blocks_of_one_class_share_graphs_whatever_the_depth():
     # One graph per block class, plus one for the first single-stream block, whose input is a whole tensor where
-    # the others get views of their predecessor's split output: three, for five blocks or for eight.
-    assert graphs_for(deeper_flux(single=3)) == graphs_for(deeper_flux(single=6)) == 3
+    # the others get views of their predecessor's split output: three, for five blocks or for eight. A new batch
+    # size compiles those three again, not one per block.
+    assert graphs_for(deeper_flux(single=3)) == graphs_for(deeper_flux(single=6)) == (3, 3)
 
 
 def test_restore_gives_back_the_model_bit_for_bit_with_no_leftover_attributes():
