@@ -219,12 +219,6 @@ class OptimizeConfig:
         check_choice("memory_format", self.memory_format, MEMORY_FORMAT_CHOICES)
         check_bool("compile_vae", self.compile_vae)
         check_bool("compile_blocks", self.compile_blocks)
-        if self.compile_blocks and self.compile is False:
-            raise ValueError("compile_blocks=True compiles the denoiser's blocks, but compile=False turns compiling off; "
-                             "drop one of them")  # fmt: skip
-        if self.dynamic_batch and (self.compile is False or (isinstance(self.compile, Mapping) and self.compile.get("dynamic") is False)):
-            raise ValueError(f"dynamic_batch=True marks the batch dimension of compiled graphs dynamic, but compile={self.compile!r} "
-                             "rules that out; drop one of them")  # fmt: skip
         check_bool("dynamic_batch", self.dynamic_batch)
         check_cache(self.cache)
         check_choice("quantize", self.quantize, QUANTIZE_CHOICES)
@@ -241,6 +235,15 @@ class OptimizeConfig:
                 f"compile must be True, False or a dict of torch.compile options, got {self.compile!r} "
                 f"({type(self.compile).__name__})"
             )
+        # Options that only mean something for compiled graphs, with compiling turned off (checked once each value is).
+        if self.compile_blocks and self.compile is False:
+            raise ValueError("compile_blocks=True compiles the denoiser's blocks, but compile=False turns compiling off; "
+                             "drop one of them")  # fmt: skip
+        no_dynamic = self.compile is False or (isinstance(self.compile, Mapping) and self.compile.get("dynamic") is False)
+        if self.dynamic_batch and no_dynamic:
+            raise ValueError(f"dynamic_batch=True marks the batch dimension of compiled graphs dynamic, but "
+                             f"compile={dict(self.compile) if isinstance(self.compile, Mapping) else self.compile!r} rules "
+                             "that out; drop one of them")  # fmt: skip
         unknown = set(self.explicit) - set(self.option_names())
         if unknown:
             raise ValueError(f"unknown explicit options {sorted(unknown)}; options are {list(self.option_names())}")

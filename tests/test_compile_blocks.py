@@ -157,3 +157,19 @@ def test_a_deep_copy_runs_its_own_compiled_blocks_and_restores_alone_and_picklin
         pickle.dumps(model)
     diffopt.restore(model)
     assert torch.equal(run(model, inputs), eager) and torch.equal(run(twin, inputs), eager)
+
+
+def test_cuda_graphs_are_off_for_compiled_blocks_unless_a_mode_is_named(monkeypatch):
+    from diffopt.transforms import compile as compile_transform
+
+    cuda_like = {"mode": "reduce-overhead", "fullgraph": True, "backend": "eager"}  # the CUDA defaults, runnable here
+    monkeypatch.setattr(compile_transform, "default_options", lambda device: dict(cuda_like))
+    model = deeper_flux()
+    report = diffopt.optimize(model, compile_blocks=True)
+    (step,) = report.applied
+    assert step.transform == "compile" and "reduce-overhead" not in step.detail
+    assert any("CUDA graphs off" in s.detail and "compile_blocks" in s.detail for s in report.skipped)
+    report = diffopt.optimize(model, compile_blocks=True, compile={"mode": "reduce-overhead", "backend": "eager"})
+    assert "reduce-overhead" in [s for s in report.applied if s.transform == "compile"][0].detail
+    assert not any("CUDA graphs" in s.detail for s in report.skipped)
+    diffopt.restore(model)

@@ -282,8 +282,8 @@ def test_the_vae_decoder_compiles_without_cuda_graphs_unless_a_mode_is_named(mon
     monkeypatch.setattr(compile_transform, "execution_device", lambda module: torch.device("cuda"))
     pipe, real, ctx_options = sd_pipeline(), compile_transform.options_for, {}
 
-    def spy(component, ctx, report=None, block_cached=False):
-        ctx_options[component.name] = real(component, ctx, report, block_cached)
+    def spy(component, ctx, report=None, per_block=None):
+        ctx_options[component.name] = real(component, ctx, report, per_block)
         return ctx_options[component.name]
 
     monkeypatch.setattr(compile_transform, "options_for", spy)

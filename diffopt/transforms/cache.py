@@ -390,11 +390,11 @@ def plan(ctx) -> List[Step]:
     if isinstance(setting, FirstBlockCache):
         options = ctx.compile_options.get(denoiser.name)
         if options is not None:
-            options = compile_transform.options_for(denoiser, ctx, ctx.report, block_cached=True)
+            options = compile_transform.options_for(denoiser, ctx, ctx.report, per_block="the first-block cache")
         if options is not None:
             # Blocks first: the cache hooks must wrap compiled blocks (see apply_block_compile).
             ctx.block_compiled.add(denoiser.name)
-            dynamic = compile_transform.dynamic_batch(config)
+            dynamic = config.dynamic_batch
             steps.append(Step(denoiser.name, "compile", lambda: apply_block_compile(denoiser.module, options, dynamic)))
         steps.append(Step(denoiser.name, NAME,
                           lambda: apply_first_block_cache(denoiser.module, setting.threshold, clock)))  # fmt: skip
@@ -404,7 +404,7 @@ def plan(ctx) -> List[Step]:
             continue
         options = ctx.compile_options.get(component.name)
         own = options is not None and compile_transform.uses_cuda_graphs(options)
-        dynamic = options is not None and compile_transform.dynamic_batch(config)
+        dynamic = options is not None and config.dynamic_batch
 
         def apply(module=component.module, own=own, dynamic=dynamic):
             return apply_deepcache(module, setting.interval, setting.depth, clock, own, dynamic)

@@ -193,9 +193,7 @@ class CompiledCall(Layer):
         first = self.calls == 0
         self.calls += 1
         if first:
-            saved = self.cache is not None and self.cache.loaded.status == "loaded"
-            logger.warning("diffopt: compiling %s with torch.compile (first call; %s)...", self.name,
-                           "from the saved compile" if saved else "a minute or more for a full-size model")  # fmt: skip
+            compiling_notice(self.name, self.cache, "a minute or more for a full-size model")
         graphs, started = graphs_compiled(), time.perf_counter()
         with _recompile_limit(RECOMPILE_LIMIT):
             if hook is None or "_old_forward" not in vars(module):
@@ -256,6 +254,14 @@ def graphs_compiled() -> int:
     return counters["stats"]["unique_graphs"]
 
 
+def compiling_notice(name: str, cache, expected: str) -> None:
+    """Before a first compiled call: what is compiled, and whether from ``cache`` (a compile_cache.Entry, or None)
+    or for about ``expected``. A long first call is never silent."""
+    saved = cache is not None and cache.loaded.status == "loaded"
+    logger.warning("diffopt: compiling %s with torch.compile (first call; %s)...", name,
+                   "from the saved compile" if saved else expected)  # fmt: skip
+
+
 def compiled_report(name: str, cache, first: bool, seconds: float) -> None:
     """After a call that compiled ``name``: say what it cost, and keep what it compiled in ``cache`` (a
     compile_cache.Entry, or None). Every new shape or variant (a batch size, a LoRA, the cached step of a step
@@ -313,10 +319,6 @@ def names_mode(config) -> bool:
     return not isinstance(config.compile, bool) and "mode" in config.compile
 
 
-def dynamic_batch(config) -> bool:
-    return config.dynamic_batch  # the config refuses it together with compile=False or compile={"dynamic": False}
-
-
 #: Keys of torch.compile's ``options`` that torch.compile reads itself rather than inductor's config.
 TORCH_COMPILE_OPTIONS = frozenset({"guard_filter_fn", "use_aoti"})
 
@@ -336,9 +338,10 @@ def check_inductor_options(options: Mapping) -> None:
                          "lists the valid ones")  # fmt: skip
 
 
-def options_for(component: Component, ctx, report=None, block_cached: bool = False) -> Optional[Dict[str, Any]]:
+def options_for(component: Component, ctx, report=None, per_block: Optional[str] = None) -> Optional[Dict[str, Any]]:
     """The torch.compile options for ``component``, or None (with the reason in ``report``) when it is not
-    compiled. Raises where the user named compile and it cannot run."""
+    compiled. ``per_block``: why its blocks are compiled one by one (the first-block cache, ``compile_blocks``), which
+    turns CUDA graphs off unless a mode is named. Raises where the user named compile and it cannot run."""
     from . import attention_backend
 
     config = ctx.config
@@ -373,13 +376,14 @@ def options_for(component: Component, ctx, report=None, block_cached: bool = Fal
     if getattr(module, "_hf_hook", None) is not None and uses_cuda_graphs(options):
         # Model offload moves the weights between calls: CUDA graphs would re-record every call.
         options = without_cuda_graphs(options)
-    if block_cached and options.get("mode") in CUDA_GRAPH_MODES and not names_mode(config):
-        # The first-block cache decides on every step whether to skip the remaining blocks and reuses residuals
-        # across steps; per-block CUDA graphs under that have not been run on a GPU, so they stay off unless
-        # named. DeepCache keeps them: it copies what it keeps out of the graphs' pool after each full step.
-        options.pop("mode")
+    if per_block and uses_cuda_graphs(options) and not names_mode(config):
+        # One compiled block function replayed with each block's weights would record a CUDA graph per block, and
+        # the first-block cache also skips blocks and reuses residuals across steps: per-block CUDA graphs have not
+        # been run on a GPU, so they stay off unless named. (DeepCache compiles whole models and keeps them.)
+        options = without_cuda_graphs(options)
         if report is not None:
-            report.add(component.name, NAME, SKIPPED, "CUDA graphs off: the first-block cache is untested with them")
+            report.add(component.name, NAME, SKIPPED, f"CUDA graphs off for blocks compiled one by one ({per_block}); "
+                       "name compile['mode'] to have them")  # fmt: skip
     return attention_backend.compile_options(config.attention, options)
 
 
@@ -406,7 +410,7 @@ def plan(ctx) -> List[Step]:
 
         def apply(component=component, options=options, new_step=new_step, scalars_to=scalars_to):
             cache = ctx.compile_cache(component, options)
-            return apply_compile(component.module, options, new_step, dynamic_batch(ctx.config), scalars_to,
+            return apply_compile(component.module, options, new_step, ctx.config.dynamic_batch, scalars_to,
                                  component.name, cache)  # fmt: skip
 
         steps.append(Step(component.name, NAME, apply))

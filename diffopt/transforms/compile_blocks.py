@@ -15,7 +15,6 @@ the compile cache (compile_cache.py) as the whole-model compiled call does.
 """
 from __future__ import annotations
 
-import logging
 import time
 from typing import Any, Callable, Dict, List, Optional
 
@@ -23,37 +22,28 @@ import torch
 
 from ..layers import Applied, InstanceHook, mark
 from ..plan import Step
-from ..report import SKIPPED
-from .compile import (
-    NAME,
-    compiled_report,
-    describe,
-    dynamic_batch,
-    graphs_compiled,
-    mark_batch_dynamic,
-    names_mode,
-    uses_cuda_graphs,
-    without_cuda_graphs,
-)
+from .compile import NAME, compiled_report, compiling_notice, describe, graphs_compiled, mark_batch_dynamic, options_for
 
-logger = logging.getLogger(__name__)
+
+def _block_lists(model: torch.nn.Module) -> Dict[str, torch.nn.ModuleList]:
+    """The model's top-level ``*blocks`` ModuleLists by name (``transformer_blocks``, ``single_transformer_blocks``)."""
+    return {
+        name: child
+        for name, child in model.named_children()
+        if name.endswith("blocks") and isinstance(child, torch.nn.ModuleList)
+    }
 
 
 def transformer_blocks(model: torch.nn.Module) -> List[torch.nn.Module]:
-    """The repeated blocks: members of the model's ``*blocks`` ModuleLists (``transformer_blocks``,
-    ``single_transformer_blocks``, ...), the modules diffusers' first-block cache hooks."""
-    return [
-        block
-        for name, child in model.named_children()
-        if name.endswith("blocks") and isinstance(child, torch.nn.ModuleList)
-        for block in child
-    ]
+    """The repeated blocks: members of the model's ``*blocks`` ModuleLists, the modules diffusers' first-block cache
+    hooks."""
+    return [block for blocks in _block_lists(model).values() for block in blocks]
 
 
 def why_blocks_do_not_repeat(model: torch.nn.Module) -> Optional[str]:
     """Why ``model`` has no repeated blocks to compile one graph per class for, or None when it has: every
     top-level ``*blocks`` list holds blocks of one class (a UNet's down and up blocks are of several)."""
-    lists = {name: child for name, child in model.named_children() if name.endswith("blocks") and isinstance(child, torch.nn.ModuleList)}
+    lists = _block_lists(model)
     if not any(len(blocks) for blocks in lists.values()):
         return f"{type(model).__name__} has no lists of transformer blocks"
     mixed = sorted(name for name, blocks in lists.items() if len({type(block) for block in blocks}) > 1)
@@ -111,10 +101,8 @@ class _BlocksCompiled(_NotPickled):
         first = self.calls == 0
         self.calls += 1
         if first:
-            saved = self.cache is not None and self.cache.loaded.status == "loaded"
-            logger.warning("diffopt: compiling the %d blocks of %s with torch.compile, one graph per block class "
-                           "(first call; %s)...", self.count, self.label,
-                           "from the saved compile" if saved else "seconds to a minute")  # fmt: skip
+            compiling_notice(f"the {self.count} blocks of {self.label}, one graph per block class", self.cache,
+                             "seconds to a minute")  # fmt: skip
         graphs, started = graphs_compiled(), time.perf_counter()
         output = self.inner(*args, **kwargs)
         if first or graphs_compiled() != graphs:
@@ -159,19 +147,14 @@ def plan(ctx) -> List[Step]:
     if not ctx.config.compile_blocks:
         return []
     denoiser = ctx.denoiser()
-    options = ctx.compile_options.get(denoiser.name) if denoiser is not None else None
-    if options is None or denoiser.name in ctx.block_compiled:  # not compiled (reported), or the step cache does it
-        return []
+    if denoiser is None or ctx.compile_options.get(denoiser.name) is None or denoiser.name in ctx.block_compiled:
+        return []  # not compiled (the reason is reported), or the first-block cache compiles its blocks already
     reason = why_blocks_do_not_repeat(denoiser.module)
     if reason:
         raise ValueError(f"compile_blocks=True: {reason}")
-    if uses_cuda_graphs(options) and not names_mode(ctx.config):
-        # One graph replayed with each block's weights would record a CUDA graph per block; that has not been
-        # measured against eager launches, which cost little next to a 1024-px transformer block's GPU time.
-        options = without_cuda_graphs(options)
-        ctx.report.add(denoiser.name, NAME, SKIPPED, "CUDA graphs off for compiled blocks (name compile['mode'] to have them)")
+    options = options_for(denoiser, ctx, ctx.report, per_block="compile_blocks")
     ctx.block_compiled.add(denoiser.name)
-    dynamic = dynamic_batch(ctx.config)
+    dynamic = ctx.config.dynamic_batch
 
     def apply():
         # Its own cache entry (loaded here, when the step runs, never in optimize's dry run): the key holds the
