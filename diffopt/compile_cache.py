@@ -15,7 +15,7 @@ and machine, and reports in one sentence what happened. Interface (what the comp
 and never raise: a broken cache costs a ``RuntimeWarning`` and a recompile, never a failed generation.
 Layout: ``<directory>/<key>/artifacts.bin`` and ``<directory>/<key>/meta.json`` (fingerprint, time, size).
 ``save`` writes everything compiled in the process so far (loaded artifacts included), so calling it again after
-a recompile (a new shape) only makes the entry more complete.
+a recompile (a new shape) only makes the entry more complete (see ``_one_batch_per_kind`` for what that takes).
 
 What the artifacts hold: inductor's and AOTAutograd's cache entries (generated code), plus on CUDA the built Triton
 kernels. On the CPU the C++ kernels travel as source: a warm process skips tracing and lowering but still runs the
@@ -213,7 +213,7 @@ def save(directory: Optional[pathlib.Path], key: str, device) -> CacheResult:
         return _failed("saving compiled kernels to", entry, f"{type(error).__name__}: {error}")
     if saved is None:
         return CacheResult("missing", "torch compiled nothing it can save in this process: nothing written", entry)
-    data = saved[0]
+    data = _one_batch_per_kind(saved[0])
     meta = dict(fingerprint=environment_fingerprint(device), created=time.strftime("%Y-%m-%dT%H:%M:%S%z"), size=len(data))
     try:
         entry.mkdir(parents=True, exist_ok=True)
@@ -222,6 +222,32 @@ def save(directory: Optional[pathlib.Path], key: str, device) -> CacheResult:
     except OSError as error:
         return _failed("saving compiled kernels to", entry, f"{type(error).__name__}: {error}")
     return CacheResult("saved", f"saved {_mb(len(data))} of compiled kernels to {_shown(entry)}", entry, len(data))
+
+
+def _one_batch_per_kind(data: bytes) -> bytes:
+    """torch's blob holds one (kind, artifacts) batch per ``save_cache_artifacts`` call that found new artifacts,
+    and ``load_cache_artifacts`` reads the batches into a dict, which keeps only the last batch of each kind: after
+    a second shape compiled, a new process got that shape's graphs and not the first's, and compiled it again (SD3
+    Medium on an H200: a 13-s warm first call where 5 s were expected). So the batches of a kind are merged into one
+    here. Reads torch's private blob format; where that has changed, the blob is written as torch made it."""
+    try:
+        from torch.compiler._cache import (
+            CacheArtifactManager, _deserialize_single_cache, _serialize_single_cache,
+        )
+        from torch.utils._appending_byte_serializer import AppendingByteSerializer
+
+        CacheArtifactManager._ensure_cache_artifacts_registered()
+        batches = AppendingByteSerializer.to_list(data, deserialize_fn=_deserialize_single_cache)
+        merged: Dict[str, list] = {}
+        for kind, artifacts in batches:
+            merged.setdefault(kind, []).extend(artifacts)
+        if len(merged) == len(batches):
+            return data  # one batch per kind already
+        writer = AppendingByteSerializer(serialize_fn=_serialize_single_cache)
+        writer.extend(merged.items())
+        return writer.to_bytes()
+    except Exception:  # noqa: BLE001 - another torch's format: keep what torch wrote
+        return data
 
 
 def copy_entries(src_dir, dst_dir, keys: Iterable[str]) -> List[pathlib.Path]:

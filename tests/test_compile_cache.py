@@ -329,3 +329,28 @@ def test_every_call_that_compiles_is_saved_and_said(caplog):
     messages = [r.getMessage() for r in caplog.records]
     assert any(m.startswith("diffopt: compiling unet") for m in messages)
     assert any(m.startswith("diffopt: compiled unet in") for m in messages)
+
+
+@pytest.mark.compile
+def test_every_shape_compiled_in_a_process_is_in_its_saved_entry(tmp_path, monkeypatch):
+    # torch's blob holds a batch per save and its loader keeps the last batch of each kind: a second shape's save
+    # used to leave a new process with that shape's graph only.
+    from torch.compiler._cache import CacheArtifactManager
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))  # empty: both compiles are misses
+    torch._dynamo.reset()
+
+    def scaled(x):
+        return torch.sin(x) * 3.25
+
+    compiled = torch.compile(scaled, dynamic=False)  # one static graph per shape
+    with CacheArtifactManager.with_fresh_cache():
+        compiled(torch.randn(4))
+        first = cc.save(tmp_path, "entry", "cpu")
+        compiled(torch.randn(5))
+        second = cc.save(tmp_path, "entry", "cpu")
+    assert first.status == second.status == "saved" and second.nbytes > first.nbytes
+    blob = (tmp_path / "entry" / cc.ARTIFACTS).read_bytes()
+    kept = CacheArtifactManager.deserialize(blob)  # what torch.compiler.load_cache_artifacts reads
+    assert len(kept["inductor"]) == 2  # both shapes' graphs
+    torch._dynamo.reset()
