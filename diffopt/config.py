@@ -41,9 +41,11 @@ def check_choice(name: str, value: Any, choices) -> None:
         raise ValueError(f"{name} must be one of {_choices(choices)}, got {value!r}")
 
 
-def check_bool(name: str, value: Any) -> None:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be True or False, got {value!r} ({type(value).__name__})")
+def check_bool(name: str, value: Any, none: bool = False) -> None:
+    """``none``: None is a choice too (decided per pipeline)."""
+    if not (isinstance(value, bool) or (none and value is None)):
+        choices = "True, False or None" if none else "True or False"
+        raise TypeError(f"{name} must be {choices}, got {value!r} ({type(value).__name__})")
 
 
 def check_int(name: str, value: Any, minimum: int) -> None:
@@ -176,10 +178,12 @@ class OptimizeConfig:
     #: default because its cold compile (20-30 s on an H200) pays for itself only after hundreds of images.
     compile_vae: bool = False
     #: Compile the denoiser's repeated transformer blocks, one graph per block class, instead of the whole
-    #: denoiser (regional compilation): a much shorter first call for transformer pipelines (SD3, Flux, PixArt),
-    #: whose dozens of blocks are then compiled once per class, with the code around the blocks left eager and
-    #: CUDA graphs off unless compile['mode'] names them. Not for UNets, whose blocks differ (a ValueError).
-    compile_blocks: bool = False
+    #: denoiser (regional compilation): a first call in seconds instead of minutes for transformer pipelines (SD3,
+    #: Flux, PixArt), whose dozens of blocks are then compiled once per class, with the code around the blocks left
+    #: eager and CUDA graphs off unless compile['mode'] names them. None (the default): for denoisers whose blocks
+    #: repeat, unless compile['mode'] asks for CUDA graphs; UNets compile whole. True: required (a UNet, whose
+    #: blocks differ, is a ValueError). False: always the whole denoiser.
+    compile_blocks: Optional[bool] = None
     #: Compile every batch size into one graph (the inputs' batch dimension marked dynamic), so a new batch size
     #: costs a CUDA-graph recording instead of a recompile. Off by default: on an H200 it made the first call
     #: longer (SD1.5 92 s against 77 s; SD ControlNet 116 s against 73 s) for batch changes most users never make.
@@ -218,7 +222,7 @@ class OptimizeConfig:
         check_choice("attention", self.attention, ATTENTION_CHOICES)
         check_choice("memory_format", self.memory_format, MEMORY_FORMAT_CHOICES)
         check_bool("compile_vae", self.compile_vae)
-        check_bool("compile_blocks", self.compile_blocks)
+        check_bool("compile_blocks", self.compile_blocks, none=True)
         check_bool("dynamic_batch", self.dynamic_batch)
         check_cache(self.cache)
         check_choice("quantize", self.quantize, QUANTIZE_CHOICES)
@@ -236,7 +240,7 @@ class OptimizeConfig:
                 f"({type(self.compile).__name__})"
             )
         # Options that only mean something for compiled graphs, with compiling turned off (checked once each value is).
-        if self.compile_blocks and self.compile is False:
+        if self.compile_blocks is True and self.compile is False:
             raise ValueError("compile_blocks=True compiles the denoiser's blocks, but compile=False turns compiling off; "
                              "drop one of them")  # fmt: skip
         no_dynamic = self.compile is False or (isinstance(self.compile, Mapping) and self.compile.get("dynamic") is False)

@@ -96,12 +96,12 @@ def sdxl_pipeline():
     return pipe
 
 
-def sd3_transformer():
+def sd3_transformer(layers=2):
     from diffusers import SD3Transformer2DModel
 
     torch.manual_seed(0)
     return SD3Transformer2DModel(
-        sample_size=SAMPLE, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=2,
+        sample_size=SAMPLE, patch_size=2, in_channels=4, num_layers=layers, attention_head_dim=8, num_attention_heads=2,
         joint_attention_dim=CROSS_DIM, caption_projection_dim=16, pooled_projection_dim=16, out_channels=4,
     ).eval()
 
@@ -161,12 +161,14 @@ def transformer_inputs(model, batch=1):
     )
 
 
-def sd3_pipeline():
+def sd3_pipeline(layers=2):
+    """``layers``: SD3's last block differs from the others (no context feed-forward), so two or more blocks alike
+    take three."""
     from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
 
     no_text = {f"{kind}{suffix}": None for kind in ("text_encoder", "tokenizer") for suffix in ("", "_2", "_3")}
     pipe = StableDiffusion3Pipeline(
-        transformer=sd3_transformer(), scheduler=FlowMatchEulerDiscreteScheduler(), vae=tiny_vae(), **no_text
+        transformer=sd3_transformer(layers), scheduler=FlowMatchEulerDiscreteScheduler(), vae=tiny_vae(), **no_text
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe

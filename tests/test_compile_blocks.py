@@ -1,5 +1,6 @@
-"""compile_blocks=True: a transformer's repeated blocks compiled one graph per block class instead of the whole
-model; same output as eager, shared graphs, its own compile-cache entry, and restore leaves nothing behind."""
+"""compile_blocks: a transformer's repeated blocks compiled one graph per block class instead of the whole model
+(the default for transformers, True to require it); same output as eager, shared graphs, its own compile-cache
+entry, and restore leaves nothing behind. UNets compile whole unless compile_blocks=True, which refuses them."""
 import pytest
 import torch
 from conftest import (
@@ -77,7 +78,7 @@ def test_restore_gives_back_the_model_bit_for_bit_with_no_leftover_attributes():
 
 
 def test_pipeline_round_trip():
-    pipe = sd3_pipeline()
+    pipe = sd3_pipeline(layers=3)
     eager = run_pipeline(pipe)
     before = snapshot(pipe)
 
@@ -99,10 +100,50 @@ def test_a_unet_is_refused_and_left_as_it_was():
     assert why_blocks_do_not_repeat(deeper_flux()) is None
 
 
-@pytest.mark.parametrize("value", ["yes", 1, None])
-def test_compile_blocks_must_be_a_bool(value):
-    with pytest.raises((TypeError, ValueError), match="compile_blocks"):
+@pytest.mark.parametrize("value", ["yes", 1, 0.0])
+def test_compile_blocks_must_be_a_bool_or_none(value):
+    with pytest.raises(TypeError, match=rf"compile_blocks must be True, False or None, got {value!r}"):
         diffopt.OptimizeConfig(compile_blocks=value)
+
+
+def compile_row(report):
+    (row,) = [s for s in report.steps if s.transform == "compile" and s.status == "applied"]
+    return row
+
+
+def test_by_default_a_transformer_compiles_its_blocks_and_false_compiles_it_whole():
+    model = deeper_flux()
+    inputs = transformer_inputs(model)
+    eager = run(model, inputs)
+
+    report = diffopt.optimize(model, compile=FAST)
+    assert "one graph per block class (compile_blocks=False compiles it whole)" in compile_row(report).detail
+    assert all("forward" in vars(block) for block in model.transformer_blocks)
+    assert rel_l2(run(model, inputs), eager) < 1e-5
+    diffopt.restore(model)
+
+    report = diffopt.optimize(model, compile=FAST, compile_blocks=False)
+    assert "blocks" not in compile_row(report).detail
+    assert not any("forward" in vars(block) for block in model.transformer_blocks)
+    assert rel_l2(run(model, inputs), eager) < 1e-5
+    diffopt.restore(model)
+    assert torch.equal(run(model, inputs), eager)
+
+
+def test_by_default_cuda_graphs_asked_for_by_name_compile_the_transformer_whole():
+    model = deeper_flux()
+    report = diffopt.optimize(model, compile={"mode": "reduce-overhead", "backend": "eager"})
+    assert "blocks" not in compile_row(report).detail and "reduce-overhead" in compile_row(report).detail
+    assert not any("forward" in vars(block) for block in model.transformer_blocks)
+    diffopt.restore(model)
+
+
+def test_by_default_a_unet_compiles_whole():
+    pipe = sd_pipeline()
+    report = diffopt.optimize(pipe, compile=FAST)
+    assert "blocks" not in compile_row(report).detail
+    assert not any("forward" in vars(module) for module in pipe.unet.modules())
+    diffopt.restore(pipe)
 
 
 def test_compile_blocks_with_compile_off_is_an_error():
@@ -173,3 +214,28 @@ def test_cuda_graphs_are_off_for_compiled_blocks_unless_a_mode_is_named(monkeypa
     assert "reduce-overhead" in [s for s in report.applied if s.transform == "compile"][0].detail
     assert not any("CUDA graphs" in s.detail for s in report.skipped)
     diffopt.restore(model)
+
+
+def test_many_distinct_transformers_compile_their_blocks_in_one_process():
+    # Ten Flux sizes in one process (a notebook trying models): the blocks of each model compile under a code object
+    # of that model's own, so none adds to another's recompile count (dynamo's limit is 8, a hard error under
+    # fullgraph=True), and each model's blocks still share one graph per class.
+    from diffusers import FluxTransformer2DModel
+    from diffusers.models.transformers.transformer_flux import FluxTransformerBlock
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list as graphs_on
+
+    for width in range(1, 11):
+        torch.manual_seed(0)
+        model = FluxTransformer2DModel(
+            patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=8,
+            num_attention_heads=width, joint_attention_dim=CROSS_DIM, pooled_projection_dim=16, axes_dims_rope=(2, 2, 4),
+        ).eval()
+        inputs = transformer_inputs(model)
+        eager = run(model, inputs)
+        diffopt.optimize(model, compile={"backend": "eager"})
+        counters.clear()
+        assert rel_l2(run(model, inputs), eager) < 1e-5
+        assert counters["stats"]["unique_graphs"] <= 3  # per class (and Flux's first single block), not per block
+        diffopt.restore(model)
+    assert graphs_on(FluxTransformerBlock.forward.__code__) == []  # the class's own code gathered no graphs
+    assert torch._dynamo.config.recompile_limit == 8  # raised only while the blocks run

@@ -97,7 +97,10 @@ RECIPES: dict[str, Callable[..., Optional[str]]] = {
 # Short names for specs; e.g. PRESETS["diffopt-max-autotune"] = "diffopt:mode='max-autotune'".
 PRESETS: dict[str, str] = {
     "diffopt-nocompile": "diffopt:compile=False",
-    # Regional compilation of a transformer's repeated blocks: compare its first call and steady speed with diffopt's.
+    # A transformer compiled whole instead of block by block (diffopt's default for transformers): compare first
+    # calls and steady speed; on a UNet pipeline it is diffopt itself.
+    "diffopt-whole": "diffopt:compile_blocks=False",
+    # Regional compilation required (a UNet pipeline's cell fails with the ValueError).
     "diffopt-blocks": "diffopt:compile_blocks=True",
     # Opt-in quantization (torchao): their cells' rel. L2 and PSNR columns show what it costs in fidelity.
     "diffopt-fp8": "diffopt:quantize='fp8'",

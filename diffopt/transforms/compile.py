@@ -63,9 +63,32 @@ def own_entry(module: torch.nn.Module, via: str = "_call_impl") -> Callable:
         def call_module(module, *args, **kwargs):
             return getattr(module, via)(*args, **kwargs)
 
-        code = call_module.__code__.replace(co_name=f"call_{type(module).__name__}_{next(_SERIAL)}")
-        entries[via] = types.FunctionType(code, call_module.__globals__, code.co_name, None, call_module.__closure__)
+        entries[via] = renamed(call_module, f"call_{type(module).__name__}")
     return entries[via]
+
+
+def own_block_entry(model: torch.nn.Module, cls: type) -> Callable:
+    """``entry(block, *args, **kwargs)`` runs ``cls.forward`` on a block of ``model`` under a code object of the
+    model's own, as :func:`own_entry` does for whole models: the blocks of one model share its graphs, and another
+    model with blocks of the same class (another size in the same notebook) gets graphs and a recompile count of
+    its own instead of adding to one shared ``cls.forward``."""
+    entries = _ENTRIES.setdefault(model, {})
+    key = f"blocks:{cls.__module__}.{cls.__qualname__}"
+    if key not in entries:
+        forward = cls.forward
+
+        def call_block(block, *args, **kwargs):
+            return forward(block, *args, **kwargs)
+
+        entries[key] = renamed(call_block, f"call_{cls.__name__}_of_{type(model).__name__}")
+    return entries[key]
+
+
+def renamed(function: Callable, name: str) -> Callable:
+    """A copy of ``function`` with a code object of its own, named ``name`` and a serial number (dynamo keeps its
+    graphs and its recompile count per code object)."""
+    code = function.__code__.replace(co_name=f"{name}_{next(_SERIAL)}")
+    return types.FunctionType(code, function.__globals__, code.co_name, None, function.__closure__)
 
 
 def is_compiled(module: torch.nn.Module) -> bool:
@@ -195,7 +218,7 @@ class CompiledCall(Layer):
         if first:
             compiling_notice(self.name, self.cache, "a minute or more for a full-size model")
         graphs, started = graphs_compiled(), time.perf_counter()
-        with _recompile_limit(RECOMPILE_LIMIT):
+        with raised_recompile_limit():
             if hook is None or "_old_forward" not in vars(module):
                 output = self.compiled(module, *args, **kwargs)
             elif _is_model_offload(hook):
@@ -283,12 +306,12 @@ class _nothing:
         return False
 
 
-class _recompile_limit:
+class raised_recompile_limit:
     """Dynamo's recompile limit (8 variants per code object) ends in a hard error under fullgraph=True. Our entry
     is per model, so it counts one model's variants: shapes, and every LoRA load, fuse or unfuse, which a notebook
     trying adapters runs through quickly. Raised for our calls only, and put back after."""
 
-    def __init__(self, limit: int):
+    def __init__(self, limit: int = RECOMPILE_LIMIT):
         config = torch._dynamo.config
         self.name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # torch < 2.6
         self.limit = limit
@@ -317,6 +340,11 @@ def apply_compile(module, options, new_step=False, dynamic_batch=False, scalars_
 
 def names_mode(config) -> bool:
     return not isinstance(config.compile, bool) and "mode" in config.compile
+
+
+def asks_for_cuda_graphs(config) -> bool:
+    """The user's compile options name CUDA graphs (a mode, or inductor's own option)."""
+    return not isinstance(config.compile, bool) and uses_cuda_graphs(dict(config.compile))
 
 
 #: Keys of torch.compile's ``options`` that torch.compile reads itself rather than inductor's config.
