@@ -7,6 +7,7 @@ a cold start, and DIFFOPT_CACHE_DIR at a directory an earlier run filled for a w
     python benchmarks/first_image.py diffopt:dynamic_batch=True sd15 1,4,1
     python benchmarks/first_image.py diffusers-compile sd15 1
     python benchmarks/first_image.py eager sd15 1
+    python benchmarks/first_image.py diffopt sd3-medium 1,4,1     # any pipeline of diffopt bench (bf16 but SD1.5/SDXL)
 """
 import json
 import sys
@@ -20,10 +21,16 @@ from diffusers import DDIMScheduler, EulerDiscreteScheduler, StableDiffusionPipe
 from diffopt.bench.configs import build_model
 
 recipe, model, batches = sys.argv[1], sys.argv[2], [int(b) for b in sys.argv[3].split(",")]
-steps = int(sys.argv[4]) if len(sys.argv) > 4 else (50 if model == "sd15" else 30)
-device, dtype = "cuda", torch.float16
+steps = int(sys.argv[4]) if len(sys.argv) > 4 else (50 if model == "sd15" else 30 if model == "sdxl" else None)
+device, dtype = "cuda", torch.float16 if model in ("sd15", "sdxl") else torch.bfloat16
 start = time.perf_counter()
-if model == "sd15":
+stage = None
+if model not in ("sd15", "sdxl"):  # a pipeline of diffopt bench, with its own inputs and step count
+    from diffopt.bench.pipelines import build_case
+
+    (stage,) = build_case(model, size="full", device=torch.device(device), dtype=dtype, steps=steps).stages
+    pipe, steps = stage.pipe, stage.steps
+elif model == "sd15":
     unet, vae, size, context = build_model("sd15-unet", device=device, dtype=dtype), build_model("sd15-vae", device=device, dtype=dtype), 512, (77, 768)
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=None, tokenizer=None, unet=unet, scheduler=DDIMScheduler(),
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
@@ -36,6 +43,13 @@ built = time.perf_counter() - start
 
 
 def call(batch):
+    if stage is not None:
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        with torch.inference_mode():
+            out = stage.call(batch, "latent")
+        torch.cuda.synchronize()
+        return time.perf_counter() - t, out
     g = torch.Generator(device).manual_seed(0)
     kwargs = dict(prompt_embeds=torch.randn(batch, *context, device=device, dtype=dtype, generator=g),
                   negative_prompt_embeds=torch.randn(batch, *context, device=device, dtype=dtype, generator=g),
