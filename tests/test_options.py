@@ -199,6 +199,24 @@ def test_cuda_default_mode_gives_way_to_options_and_other_backends(monkeypatch, 
         diffopt.optimize(pipe, compile={"mode": "default", "options": {"freezing": True}})
 
 
+@pytest.mark.parametrize(
+    "options, graphs, without",
+    [
+        ({"mode": "reduce-overhead", "fullgraph": True}, True, {"fullgraph": True}),
+        ({"mode": "max-autotune"}, True, {"mode": "max-autotune-no-cudagraphs"}),  # it records CUDA graphs too
+        ({"options": {"triton.cudagraphs": True, "freezing": True}}, True,
+         {"options": {"triton.cudagraphs": False, "freezing": True}}),
+        ({"mode": "max-autotune-no-cudagraphs"}, False, {"mode": "max-autotune-no-cudagraphs"}),
+        ({"mode": "default"}, False, {"mode": "default"}),
+    ],
+)
+def test_which_options_record_cuda_graphs_and_the_same_without_them(options, graphs, without):
+    from diffopt.transforms.compile import uses_cuda_graphs, without_cuda_graphs
+
+    assert uses_cuda_graphs(options) is graphs
+    assert without_cuda_graphs(options) == without and not uses_cuda_graphs(without)
+
+
 @pytest.mark.parametrize("nets", [1, 2])
 def test_first_controlnet_starts_a_cuda_graph_step_on_every_call(monkeypatch, nets):
     # diffusers marks each step only for OptimizedModule wrappers; in-place compiled ControlNets must do it
@@ -225,6 +243,10 @@ def test_first_controlnet_starts_a_cuda_graph_step_on_every_call(monkeypatch, ne
     marks.clear()
     run_pipeline(pipe, steps=3)
     assert marks == []
+    diffopt.optimize(pipe, compile={"backend": "aot_eager", "mode": "max-autotune"})  # CUDA graphs again
+    marks.clear()
+    run_pipeline(pipe, steps=3)
+    assert len(marks) == 3
     diffopt.restore(pipe)
 
 

@@ -29,8 +29,10 @@ logger = logging.getLogger(__name__)
 
 NAME = "compile"
 _ATTR = "_compiled_call_impl"
-#: Modes whose compiled graphs replay as CUDA graphs (their outputs live in a pool the next replay reuses).
-CUDA_GRAPH_MODES = ("reduce-overhead",)
+#: Modes whose compiled graphs replay as CUDA graphs (their outputs live in a pool the next replay reuses), each
+#: with the mode that does the same without them (None: inductor's default). "max-autotune" records CUDA graphs too
+#: (``torch._inductor.list_mode_options("max-autotune")`` sets ``triton.cudagraphs``).
+CUDA_GRAPH_MODES = {"reduce-overhead": None, "max-autotune": "max-autotune-no-cudagraphs"}
 #: Dynamo's recompile limit while a module compiled by diffopt runs (see CompiledCall.__call__).
 RECOMPILE_LIMIT = 64
 
@@ -115,9 +117,17 @@ def default_options(device: torch.device) -> Dict[str, Any]:
 
 
 def without_cuda_graphs(options: Dict[str, Any]) -> Dict[str, Any]:
+    """The same options with CUDA graphs off, whether a mode or inductor's own option asked for them."""
     options = dict(options)
-    if options.get("mode") in CUDA_GRAPH_MODES:
-        options.pop("mode")
+    mode = options.get("mode")
+    if mode in CUDA_GRAPH_MODES:
+        if CUDA_GRAPH_MODES[mode] is None:
+            options.pop("mode")
+        else:
+            options["mode"] = CUDA_GRAPH_MODES[mode]
+    inductor = options.get("options")
+    if inductor and inductor.get("triton.cudagraphs"):
+        options["options"] = {**inductor, "triton.cudagraphs": False}
     return options
 
 
