@@ -202,7 +202,10 @@ def run_transformer_pipeline(pipe, steps=2):
     from diffusers import FluxPipeline, PixArtSigmaPipeline, StableDiffusion3Pipeline
 
     g = torch.Generator().manual_seed(0)
-    embeds = lambda *shape: torch.randn(*shape, generator=g)  # noqa: E731
+    # Drawn on the CPU (the same numbers everywhere), then put where the transformer is: SD3 and PixArt take given
+    # embeddings as they are.
+    where = dict(device=pipe.transformer.device, dtype=pipe.transformer.dtype)
+    embeds = lambda *shape: torch.randn(*shape, generator=g).to(**where)  # noqa: E731
     common = dict(
         num_inference_steps=steps, height=SAMPLE * 2, width=SAMPLE * 2, output_type="latent",
         generator=torch.Generator().manual_seed(1),
@@ -216,9 +219,9 @@ def run_transformer_pipeline(pipe, steps=2):
         extra = dict(prompt_embeds=embeds(1, 7, CROSS_DIM), pooled_prompt_embeds=embeds(1, 16))
     elif isinstance(pipe, PixArtSigmaPipeline):
         extra = dict(
-            prompt_embeds=embeds(1, 7, CROSS_DIM), prompt_attention_mask=torch.ones(1, 7),
+            prompt_embeds=embeds(1, 7, CROSS_DIM), prompt_attention_mask=torch.ones(1, 7, device=where["device"]),
             negative_prompt=None, negative_prompt_embeds=embeds(1, 7, CROSS_DIM),
-            negative_prompt_attention_mask=torch.ones(1, 7), use_resolution_binning=False,
+            negative_prompt_attention_mask=torch.ones(1, 7, device=where["device"]), use_resolution_binning=False,
         )
     else:
         raise TypeError(f"not a tiny transformer pipeline: {type(pipe).__name__}")

@@ -1,7 +1,7 @@
 """What only a CUDA card can show: real CUDA graphs, and the fused SDPA kernels. Skipped without one."""
 import pytest
 import torch
-from conftest import rel_l2, run_pipeline, sd_pipeline, tiny_controlnet, tiny_unet, unet_inputs
+from conftest import rel_l2, run_pipeline, sd3_pipeline, sd_pipeline, tiny_controlnet, tiny_unet, unet_inputs
 
 import diffopt
 from diffopt import capabilities
@@ -139,3 +139,22 @@ def test_model_cpu_offload_composes_with_compile_on_cuda():
     assert torch.equal(outputs[0], outputs[1]) and rel_l2(outputs[-1], eager) < FP16_BOUND
     diffopt.restore(pipe)
     assert not diffopt.api.is_optimized(pipe)
+
+
+@pytest.mark.compile
+def test_transformer_blocks_compile_by_default_and_cuda_graphs_named_compile_it_whole():
+    # The default for transformers: one graph per block class, CUDA graphs off, the same output as eager. Naming
+    # reduce-overhead compiles the model whole, with its CUDA graphs, replay after replay the same output.
+    pipe = sd3_pipeline(layers=3).to("cuda", torch.float16)
+    eager = run_pipeline(pipe).float()
+    report = diffopt.optimize(pipe)
+    (row,) = [s for s in report.applied if s.component == "transformer" and s.transform == "compile"]
+    assert "one graph per block class" in row.detail and "reduce-overhead" not in row.detail
+    assert rel_l2(run_pipeline(pipe).float(), eager) < FP16_BOUND
+    diffopt.restore(pipe)
+    report = diffopt.optimize(pipe, compile={"mode": "reduce-overhead"})
+    (row,) = [s for s in report.applied if s.component == "transformer" and s.transform == "compile"]
+    assert "blocks" not in row.detail and "reduce-overhead" in row.detail
+    outputs = [run_pipeline(pipe).float() for _ in range(3)]  # warm-up, recording, replays
+    assert torch.equal(outputs[1], outputs[2]) and rel_l2(outputs[-1], eager) < FP16_BOUND
+    diffopt.restore(pipe)
