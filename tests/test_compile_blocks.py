@@ -239,3 +239,33 @@ def test_many_distinct_transformers_compile_their_blocks_in_one_process():
         diffopt.restore(model)
     assert graphs_on(FluxTransformerBlock.forward.__code__) == []  # the class's own code gathered no graphs
     assert torch._dynamo.config.recompile_limit == 8  # raised only while the blocks run
+
+
+def test_a_unet_with_two_alike_stages_still_compiles_whole_by_default():
+    # A DDPM-style UNet2DModel whose first two down blocks are alike (32 channels in and out, both downsampling):
+    # its stages still differ from one another, and the default must compile it whole, as documented for UNets.
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(0)
+    unet = UNet2DModel(
+        sample_size=16, in_channels=3, out_channels=3, block_out_channels=(32, 32, 64), norm_num_groups=8,
+        down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
+    ).eval()
+    assert "a UNet's stages" in why_blocks_do_not_repeat(unet)
+    report = diffopt.optimize(unet, compile=FAST)
+    assert "blocks" not in compile_row(report).detail
+    assert not any("forward" in vars(module) for module in unet.modules())
+    diffopt.restore(unet)
+    before = {name: vars_by_identity(module) for name, module in unet.named_modules()}
+    with pytest.raises(ValueError, match=r"compile_blocks=True: the blocks of UNet2DModel\.down_blocks"):
+        diffopt.optimize(unet, compile=FAST, compile_blocks=True)
+    assert {name: vars_by_identity(module) for name, module in unet.named_modules()} == before
+
+
+def test_one_block_per_list_is_named_as_such():
+    from conftest import flux_transformer
+
+    reason = why_blocks_do_not_repeat(flux_transformer())
+    assert reason.startswith("FluxTransformer2DModel.single_transformer_blocks and .transformer_blocks hold one block")
+    assert "UNet" not in reason

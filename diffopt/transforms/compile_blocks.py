@@ -48,21 +48,32 @@ def _signature(block: torch.nn.Module) -> tuple:
     return (type(block),) + tuple((tuple(p.shape), p.dtype) for p in block.parameters())
 
 
+#: The block lists of a UNet (and of its ControlNets): stages that change resolution and channels one to the next.
+UNET_STAGES = ("down_blocks", "up_blocks")
+
+
 def why_blocks_do_not_repeat(model: torch.nn.Module) -> Optional[str]:
     """Why ``model`` has no repeated blocks to compile one graph per class for, or None when it has: two blocks of
     one top-level ``*blocks`` list alike (one class, the same weight shapes). A block unlike the others (SD3's last,
-    which has no context feed-forward) gets a graph of its own; a UNet's down and up blocks differ in class or
-    channels one from another, so nothing would be shared."""
-    lists = _block_lists(model)
+    which has no context feed-forward) gets a graph of its own. A UNet is never one: even where two of its stages
+    happen to be alike (a DDPM UNet2DModel's first two down blocks, both 128 channels), the rest differ, and compiling
+    its stages one by one takes longer than compiling the whole UNet."""
+    name, lists = type(model).__name__, _block_lists(model)
     if not any(len(blocks) for blocks in lists.values()):
-        return f"{type(model).__name__} has no lists of transformer blocks"
+        return f"{name} has no lists of transformer blocks"
+    stages = [list_name for list_name in UNET_STAGES if list_name in lists]
+    if stages:
+        return (f"the blocks of {name}.{' and .'.join(stages)} are a UNet's stages, which differ in resolution and "
+                "channels (compiling them one by one takes longer than the whole UNet); compile it whole")  # fmt: skip
     for blocks in lists.values():
         signatures = [_signature(block) for block in blocks]
         if len(set(signatures)) < len(signatures):
             return None
     names = " and .".join(sorted(lists))
-    return (f"the blocks of {type(model).__name__}.{names} differ from one another in class or weight shapes (a "
-            "UNet's), so no graph would be shared; compile it whole")  # fmt: skip
+    if all(len(blocks) < 2 for blocks in lists.values()):
+        return f"{name}.{names} hold one block each, so no graph would be shared; compile it whole"
+    return (f"the blocks of {name}.{names} differ from one another in class or weight shapes, so no graph would be "
+            "shared; compile it whole")  # fmt: skip
 
 
 class _NotPickled(InstanceHook):
