@@ -269,3 +269,47 @@ def test_one_block_per_list_is_named_as_such():
     reason = why_blocks_do_not_repeat(flux_transformer())
     assert reason.startswith("FluxTransformer2DModel.single_transformer_blocks and .transformer_blocks hold one block")
     assert "UNet" not in reason
+
+
+def test_blocks_with_a_diffusers_cache_of_the_users_own_compile_whole_instead_of_skipping_it():
+    # diffusers' enable_cache hooks each block's forward on the instance; compiled blocks run the class's forward,
+    # which would silently drop the user's cache. The default compiles the model whole then, hooks and all.
+    from diffusers.hooks import FirstBlockCacheConfig
+
+    model = deeper_flux()
+    model.enable_cache(FirstBlockCacheConfig(threshold=0.5))
+    report = diffopt.optimize(model, compile={"backend": "eager", "fullgraph": False})
+    assert "blocks" not in compile_row(report).detail
+    (skip,) = [s for s in report.skipped if s.transform == "compile"]
+    assert "transformer_blocks.0 has a forward of its own" in skip.detail
+    assert all(not isinstance(vars(block)["forward"], diffopt.layers.InstanceHook) for block in model.transformer_blocks)
+    diffopt.restore(model)
+    before = {name: vars_by_identity(module) for name, module in model.named_modules()}
+    with pytest.raises(ValueError, match="compile_blocks=True: .*has a forward of its own.*disable_cache"):
+        diffopt.optimize(model, compile=FAST, compile_blocks=True)
+    assert {name: vars_by_identity(module) for name, module in model.named_modules()} == before
+    model.disable_cache()
+
+
+def test_diffopts_own_first_block_cache_does_not_count_as_a_users_hook():
+    from conftest import run_transformer_pipeline
+
+    pipe = flux_blocks_pipeline()
+    diffopt.optimize(pipe, compile=FAST, cache="first_block")
+    run_transformer_pipeline(pipe)
+    # Optimized again: the cache's hooks on the blocks are diffopt's, taken off before the blocks compile again.
+    report = diffopt.optimize(pipe, compile=FAST, compile_blocks=True)
+    assert "one graph per block class" in compile_row(report).detail
+    diffopt.restore(pipe)
+
+
+def flux_blocks_pipeline():
+    from conftest import tiny_vae
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+
+    pipe = FluxPipeline(
+        transformer=deeper_flux(), scheduler=FlowMatchEulerDiscreteScheduler(), vae=tiny_vae(), text_encoder=None,
+        tokenizer=None, text_encoder_2=None, tokenizer_2=None,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

@@ -20,8 +20,9 @@ from typing import Any, Callable, Dict, List, Optional
 
 import torch
 
-from ..layers import Applied, InstanceHook, mark
+from ..layers import Applied, InstanceHook, layers_of, mark
 from ..plan import Step
+from ..report import SKIPPED
 from .compile import (
     NAME, asks_for_cuda_graphs, compiled_report, compiling_notice, describe, graphs_compiled, mark_batch_dynamic,
     options_for, own_block_entry, raised_recompile_limit,
@@ -74,6 +75,23 @@ def why_blocks_do_not_repeat(model: torch.nn.Module) -> Optional[str]:
         return f"{name}.{names} hold one block each, so no graph would be shared; compile it whole"
     return (f"the blocks of {name}.{names} differ from one another in class or weight shapes, so no graph would be "
             "shared; compile it whole")  # fmt: skip
+
+
+def why_blocks_are_hooked(model: torch.nn.Module) -> Optional[str]:
+    """Why compiling the block classes' ``forward`` would skip something, or None: a block whose ``forward`` was
+    replaced on the instance by something other than diffopt (diffusers' cache hooks from ``enable_cache``, a
+    patch). The compiled function runs the class's ``forward``, so that replacement would silently stop running;
+    compiled whole, the model calls it as eager code does. diffusers' hooks that diffopt's own first-block cache put
+    there are taken off before the blocks are compiled again."""
+    if any(layer.transform == "cache" for layer in layers_of(model)):
+        return None
+    for list_name, blocks in _block_lists(model).items():
+        for index, block in enumerate(blocks):
+            forward = vars(block).get("forward")
+            if forward is not None and not isinstance(forward, InstanceHook):
+                return (f"{type(model).__name__}.{list_name}.{index} has a forward of its own on the instance (a "
+                        "diffusers cache hook from enable_cache, or a patch), which the compiled blocks would skip")  # fmt: skip
+    return None
 
 
 class _NotPickled(InstanceHook):
@@ -186,6 +204,12 @@ def plan(ctx) -> List[Step]:
         return []  # compiled whole: a UNet, or CUDA graphs asked for by name, which the whole model has run with
     if reason:
         raise ValueError(f"compile_blocks=True: {reason}")
+    hooked = why_blocks_are_hooked(denoiser.module)
+    if hooked and setting:
+        raise ValueError(f"compile_blocks=True: {hooked}; remove it (disable_cache()) or pass compile_blocks=False")
+    if hooked:
+        ctx.report.add(denoiser.name, NAME, SKIPPED, f"blocks not compiled one by one: {hooked}; compiled whole")
+        return []
     chosen = "compile_blocks" if setting else "compile_blocks, the default for transformers"
     options = options_for(denoiser, ctx, ctx.report, per_block=chosen)
     ctx.block_compiled.add(denoiser.name)
