@@ -313,3 +313,22 @@ def flux_blocks_pipeline():
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def test_sequential_offload_added_after_optimize_runs_the_blocks_uncompiled_with_a_warning(caplog):
+    # As a model compiled whole does: the blocks cannot trace accelerate's hooks on their layers (under
+    # fullgraph=True that was a hard error at the first call).
+    accelerate = pytest.importorskip("accelerate")
+    model = deeper_flux()
+    inputs = transformer_inputs(model)
+    eager = run(model, inputs)
+    diffopt.optimize(model, compile=FAST)
+    accelerate.cpu_offload(model, execution_device="cpu")
+    with caplog.at_level("WARNING", logger="diffopt"):
+        assert rel_l2(run(model, inputs), eager) < 1e-5
+        run(model, inputs)
+    warnings = [r.getMessage() for r in caplog.records if "running its blocks uncompiled" in r.getMessage()]
+    assert len(warnings) == 1 and "sequential CPU offload" in warnings[0]
+    accelerate.hooks.remove_hook_from_submodules(model)
+    assert rel_l2(run(model, inputs), eager) < 1e-5  # compiled again once the offload is gone
+    diffopt.restore(model)

@@ -15,6 +15,7 @@ the compile cache (compile_cache.py) as the whole-model compiled call does.
 """
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any, Callable, Dict, List, Optional
 
@@ -24,9 +25,11 @@ from ..layers import Applied, InstanceHook, layers_of, mark
 from ..plan import Step
 from ..report import SKIPPED
 from .compile import (
-    NAME, asks_for_cuda_graphs, compiled_report, compiling_notice, describe, graphs_compiled, mark_batch_dynamic,
-    options_for, own_block_entry, raised_recompile_limit,
+    NAME, asks_for_cuda_graphs, compiled_report, compiling_notice, describe, graphs_compiled, _is_model_offload,
+    mark_batch_dynamic, offload_blocker, options_for, own_block_entry, raised_recompile_limit,
 )
+
+logger = logging.getLogger(__name__)
 
 
 def _block_lists(model: torch.nn.Module) -> Dict[str, torch.nn.ModuleList]:
@@ -113,16 +116,28 @@ class _NotPickled(InstanceHook):
         return twin
 
 
+class _Uncompiled:
+    """Shared by a model's compiled blocks and the hook on its ``forward``: set for a call of the model under an
+    offload hook that moves every layer's weights inside the forward (accelerate's sequential offload, added after
+    optimize). The compiled blocks cannot trace the hooks on their layers (a hard error under fullgraph=True), so
+    they run their eager forward then, as a model compiled whole does (compile.CompiledCall)."""
+
+    def __init__(self):
+        self.now = False
+
+
 class _CompiledBlock(_NotPickled):
     """A transformer block's ``forward`` through the compiled class function (shared by the blocks of a class)."""
 
     transform = "compile"
 
-    def __init__(self, owner, function: Callable, dynamic_batch: bool):
+    def __init__(self, owner, function: Callable, dynamic_batch: bool, uncompiled: _Uncompiled):
         super().__init__(owner, "forward")
-        self.compiled, self.dynamic_batch = function, dynamic_batch
+        self.compiled, self.dynamic_batch, self.uncompiled = function, dynamic_batch, uncompiled
 
     def around(self, *args, **kwargs):
+        if self.uncompiled.now:
+            return self.inner(*args, **kwargs)
         if self.dynamic_batch:  # as compile does for whole models: one graph for every batch size
             mark_batch_dynamic(args, kwargs)
         with raised_recompile_limit():  # as for whole models: a new shape or LoRA must not hit dynamo's limit of 8
@@ -135,11 +150,18 @@ class _BlocksCompiled(_NotPickled):
 
     transform = "compile"
 
-    def __init__(self, owner, name: str, count: int, cache=None):
+    def __init__(self, owner, name: str, count: int, cache=None, uncompiled: Optional[_Uncompiled] = None):
         super().__init__(owner, "forward")
         self.label, self.count, self.cache, self.calls = name, count, cache, 0
+        self.uncompiled, self.warned = uncompiled or _Uncompiled(), False
 
     def around(self, *args, **kwargs):
+        hook = getattr(self.owner, "_hf_hook", None)
+        self.uncompiled.now = hook is not None and not _is_model_offload(hook)
+        if self.uncompiled.now and not self.warned:  # once, as for a model compiled whole
+            self.warned = True
+            why = offload_blocker(self.owner) or f"{type(hook).__name__} on {self.label}"
+            logger.warning("diffopt: %s; running its blocks uncompiled", why)
         first = self.calls == 0
         self.calls += 1
         if first:
@@ -167,15 +189,15 @@ def apply_block_compile(
     blocks = transformer_blocks(model)
     if not blocks:
         return None
-    since, compiled = mark(), {}
+    since, compiled, uncompiled = mark(), {}, _Uncompiled()
     for block in blocks:
         cls = type(block)
         if cls not in compiled:
             compiled[cls] = torch.compile(own_block_entry(model, cls), **options)
         function = compiled[cls]
-        _CompiledBlock(block, function, dynamic_batch).install()
+        _CompiledBlock(block, function, dynamic_batch, uncompiled).install()
     if name is not None:
-        _BlocksCompiled(model, name, len(blocks), cache).install()
+        _BlocksCompiled(model, name, len(blocks), cache, uncompiled).install()
     kinds = ", ".join(sorted(cls.__name__ for cls in compiled))
     detail = f"{describe(options)} on each of {len(blocks)} blocks ({kinds}), {purpose}"
     detail += ", dynamic batch" if dynamic_batch else ""
