@@ -172,7 +172,7 @@ def optimize(target, config: Optional[OptimizeConfig] = None, **options) -> Repo
             except Exception:  # the error that started the rollback is the one the user must see
                 logger.exception("diffopt: re-applying the previous options after a failed optimize did not complete")
         raise
-    _warn_pending_lora_hotswap(target, report)
+    _warn_pending_lora_hotswap(target)
     return report
 
 
@@ -186,11 +186,12 @@ def _previous_optimizations(undone) -> List[Tuple[Any, OptimizeConfig]]:
     return list(found.values())
 
 
-def _warn_pending_lora_hotswap(target, report: Report) -> None:
+def _warn_pending_lora_hotswap(target) -> None:
     # enable_lora_hotswap() only takes effect when the first LoRA is loaded, and peft refuses to prepare a
-    # compiled model: that load, after optimize, would fail. Say so now, while the fix is one line away.
+    # compiled model: that load, after optimize, would fail. Say so now, while the fix is one line away. peft
+    # looks at the model itself, so a transformer whose blocks are compiled one by one (compile_blocks) loads fine.
     for component in find_components(target):
-        compiled = any(s.component == component.name and s.transform == "compile" for s in report.applied)
+        compiled = compile_transform.compiled_by_diffopt(component.module)
         if compiled and getattr(component.module, "_prepare_lora_hotswap_kwargs", None) is not None:
             logger.warning(
                 "diffopt: %s has LoRA hot-swap enabled but no LoRA loaded yet; loading the first LoRA into the "

@@ -239,3 +239,115 @@ def test_many_distinct_transformers_compile_their_blocks_in_one_process():
         diffopt.restore(model)
     assert graphs_on(FluxTransformerBlock.forward.__code__) == []  # the class's own code gathered no graphs
     assert torch._dynamo.config.recompile_limit == 8  # raised only while the blocks run
+
+
+def test_a_unet_with_two_alike_stages_still_compiles_whole_by_default():
+    # A DDPM-style UNet2DModel whose first two down blocks are alike (32 channels in and out, both downsampling):
+    # its stages still differ from one another, and the default must compile it whole, as documented for UNets.
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(0)
+    unet = UNet2DModel(
+        sample_size=16, in_channels=3, out_channels=3, block_out_channels=(32, 32, 64), norm_num_groups=8,
+        down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
+    ).eval()
+    assert "a UNet's stages" in why_blocks_do_not_repeat(unet)
+    report = diffopt.optimize(unet, compile=FAST)
+    assert "blocks" not in compile_row(report).detail
+    assert not any("forward" in vars(module) for module in unet.modules())
+    diffopt.restore(unet)
+    before = {name: vars_by_identity(module) for name, module in unet.named_modules()}
+    with pytest.raises(ValueError, match=r"compile_blocks=True: the blocks of UNet2DModel\.down_blocks"):
+        diffopt.optimize(unet, compile=FAST, compile_blocks=True)
+    assert {name: vars_by_identity(module) for name, module in unet.named_modules()} == before
+
+
+def test_one_block_per_list_is_named_as_such():
+    from conftest import flux_transformer
+
+    reason = why_blocks_do_not_repeat(flux_transformer())
+    assert reason.startswith("FluxTransformer2DModel.single_transformer_blocks and .transformer_blocks hold one block")
+    assert "UNet" not in reason
+
+
+def test_blocks_with_a_diffusers_cache_of_the_users_own_compile_whole_instead_of_skipping_it():
+    # diffusers' enable_cache hooks each block's forward on the instance; compiled blocks run the class's forward,
+    # which would silently drop the user's cache. The default compiles the model whole then, hooks and all.
+    from diffusers.hooks import FirstBlockCacheConfig
+
+    model = deeper_flux()
+    model.enable_cache(FirstBlockCacheConfig(threshold=0.5))
+    report = diffopt.optimize(model, compile={"backend": "eager", "fullgraph": False})
+    assert "blocks" not in compile_row(report).detail
+    (skip,) = [s for s in report.skipped if s.transform == "compile"]
+    assert "transformer_blocks.0 has a forward of its own" in skip.detail
+    assert all(not isinstance(vars(block)["forward"], diffopt.layers.InstanceHook) for block in model.transformer_blocks)
+    diffopt.restore(model)
+    before = {name: vars_by_identity(module) for name, module in model.named_modules()}
+    with pytest.raises(ValueError, match="compile_blocks=True: .*has a forward of its own.*disable_cache"):
+        diffopt.optimize(model, compile=FAST, compile_blocks=True)
+    assert {name: vars_by_identity(module) for name, module in model.named_modules()} == before
+    model.disable_cache()
+
+
+def test_diffopts_own_first_block_cache_does_not_count_as_a_users_hook():
+    from conftest import run_transformer_pipeline
+
+    pipe = flux_blocks_pipeline()
+    diffopt.optimize(pipe, compile=FAST, cache="first_block")
+    run_transformer_pipeline(pipe)
+    # Optimized again: the cache's hooks on the blocks are diffopt's, taken off before the blocks compile again.
+    report = diffopt.optimize(pipe, compile=FAST, compile_blocks=True)
+    assert "one graph per block class" in compile_row(report).detail
+    diffopt.restore(pipe)
+
+
+def flux_blocks_pipeline():
+    from conftest import tiny_vae
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+
+    pipe = FluxPipeline(
+        transformer=deeper_flux(), scheduler=FlowMatchEulerDiscreteScheduler(), vae=tiny_vae(), text_encoder=None,
+        tokenizer=None, text_encoder_2=None, tokenizer_2=None,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_sequential_offload_added_after_optimize_runs_the_blocks_uncompiled_with_a_warning(caplog):
+    # As a model compiled whole does: the blocks cannot trace accelerate's hooks on their layers (under
+    # fullgraph=True that was a hard error at the first call).
+    accelerate = pytest.importorskip("accelerate")
+    model = deeper_flux()
+    inputs = transformer_inputs(model)
+    eager = run(model, inputs)
+    diffopt.optimize(model, compile=FAST)
+    accelerate.cpu_offload(model, execution_device="cpu")
+    with caplog.at_level("WARNING", logger="diffopt"):
+        assert rel_l2(run(model, inputs), eager) < 1e-5
+        run(model, inputs)
+    warnings = [r.getMessage() for r in caplog.records if "running its blocks uncompiled" in r.getMessage()]
+    assert len(warnings) == 1 and "sequential CPU offload" in warnings[0]
+    accelerate.hooks.remove_hook_from_submodules(model)
+    assert rel_l2(run(model, inputs), eager) < 1e-5  # compiled again once the offload is gone
+    diffopt.restore(model)
+
+
+def test_lora_hotswap_enabled_before_optimize_loads_into_compiled_blocks_without_a_false_warning(tmp_path, caplog):
+    # peft refuses to prepare hot-swap on a model compiled whole; blocks compiled one by one leave the model itself
+    # uncompiled, so the first LoRA loads after optimize and the warning that it would fail must not be given.
+    pytest.importorskip("peft")
+    from _adapters import save_lora
+    from diffusers import FluxPipeline
+
+    lora = save_lora(tmp_path, 1, model=deeper_flux(), pipeline_class=FluxPipeline)
+    pipe, reference = flux_blocks_pipeline(), flux_blocks_pipeline()
+    reference.load_lora_weights(lora)
+    pipe.enable_lora_hotswap(target_rank=8)
+    with caplog.at_level("WARNING", logger="diffopt"):
+        diffopt.optimize(pipe, compile={"backend": "eager"})
+    assert "hot-swap enabled but no LoRA loaded yet" not in caplog.text
+    pipe.load_lora_weights(lora)
+    assert rel_l2(run_pipeline(pipe), run_pipeline(reference)) < 1e-5
+    diffopt.restore(pipe)

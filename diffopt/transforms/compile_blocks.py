@@ -15,17 +15,21 @@ the compile cache (compile_cache.py) as the whole-model compiled call does.
 """
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any, Callable, Dict, List, Optional
 
 import torch
 
-from ..layers import Applied, InstanceHook, mark
+from ..layers import Applied, InstanceHook, layers_of, mark
 from ..plan import Step
+from ..report import SKIPPED
 from .compile import (
-    NAME, asks_for_cuda_graphs, compiled_report, compiling_notice, describe, graphs_compiled, mark_batch_dynamic,
-    options_for, own_block_entry, raised_recompile_limit,
+    NAME, asks_for_cuda_graphs, compiled_report, compiling_notice, describe, graphs_compiled, _is_model_offload,
+    mark_batch_dynamic, offload_blocker, options_for, own_block_entry, raised_recompile_limit,
 )
+
+logger = logging.getLogger(__name__)
 
 
 def _block_lists(model: torch.nn.Module) -> Dict[str, torch.nn.ModuleList]:
@@ -48,21 +52,49 @@ def _signature(block: torch.nn.Module) -> tuple:
     return (type(block),) + tuple((tuple(p.shape), p.dtype) for p in block.parameters())
 
 
+#: The block lists of a UNet (and of its ControlNets): stages that change resolution and channels one to the next.
+UNET_STAGES = ("down_blocks", "up_blocks")
+
+
 def why_blocks_do_not_repeat(model: torch.nn.Module) -> Optional[str]:
     """Why ``model`` has no repeated blocks to compile one graph per class for, or None when it has: two blocks of
     one top-level ``*blocks`` list alike (one class, the same weight shapes). A block unlike the others (SD3's last,
-    which has no context feed-forward) gets a graph of its own; a UNet's down and up blocks differ in class or
-    channels one from another, so nothing would be shared."""
-    lists = _block_lists(model)
+    which has no context feed-forward) gets a graph of its own. A UNet is never one: even where two of its stages
+    happen to be alike (a DDPM UNet2DModel's first two down blocks, both 128 channels), the rest differ, and compiling
+    its stages one by one takes longer than compiling the whole UNet."""
+    name, lists = type(model).__name__, _block_lists(model)
     if not any(len(blocks) for blocks in lists.values()):
-        return f"{type(model).__name__} has no lists of transformer blocks"
+        return f"{name} has no lists of transformer blocks"
+    stages = [list_name for list_name in UNET_STAGES if list_name in lists]
+    if stages:
+        return (f"the blocks of {name}.{' and .'.join(stages)} are a UNet's stages, which differ in resolution and "
+                "channels (compiling them one by one takes longer than the whole UNet); compile it whole")  # fmt: skip
     for blocks in lists.values():
         signatures = [_signature(block) for block in blocks]
         if len(set(signatures)) < len(signatures):
             return None
     names = " and .".join(sorted(lists))
-    return (f"the blocks of {type(model).__name__}.{names} differ from one another in class or weight shapes (a "
-            "UNet's), so no graph would be shared; compile it whole")  # fmt: skip
+    if all(len(blocks) < 2 for blocks in lists.values()):
+        return f"{name}.{names} hold one block each, so no graph would be shared; compile it whole"
+    return (f"the blocks of {name}.{names} differ from one another in class or weight shapes, so no graph would be "
+            "shared; compile it whole")  # fmt: skip
+
+
+def why_blocks_are_hooked(model: torch.nn.Module) -> Optional[str]:
+    """Why compiling the block classes' ``forward`` would skip something, or None: a block whose ``forward`` was
+    replaced on the instance by something other than diffopt (diffusers' cache hooks from ``enable_cache``, a
+    patch). The compiled function runs the class's ``forward``, so that replacement would silently stop running;
+    compiled whole, the model calls it as eager code does. diffusers' hooks that diffopt's own first-block cache put
+    there are taken off before the blocks are compiled again."""
+    if any(layer.transform == "cache" for layer in layers_of(model)):
+        return None
+    for list_name, blocks in _block_lists(model).items():
+        for index, block in enumerate(blocks):
+            forward = vars(block).get("forward")
+            if forward is not None and not isinstance(forward, InstanceHook):
+                return (f"{type(model).__name__}.{list_name}.{index} has a forward of its own on the instance (a "
+                        "diffusers cache hook from enable_cache, or a patch), which the compiled blocks would skip")  # fmt: skip
+    return None
 
 
 class _NotPickled(InstanceHook):
@@ -84,16 +116,28 @@ class _NotPickled(InstanceHook):
         return twin
 
 
+class _Uncompiled:
+    """Shared by a model's compiled blocks and the hook on its ``forward``: set for a call of the model under an
+    offload hook that moves every layer's weights inside the forward (accelerate's sequential offload, added after
+    optimize). The compiled blocks cannot trace the hooks on their layers (a hard error under fullgraph=True), so
+    they run their eager forward then, as a model compiled whole does (compile.CompiledCall)."""
+
+    def __init__(self):
+        self.now = False
+
+
 class _CompiledBlock(_NotPickled):
     """A transformer block's ``forward`` through the compiled class function (shared by the blocks of a class)."""
 
     transform = "compile"
 
-    def __init__(self, owner, function: Callable, dynamic_batch: bool):
+    def __init__(self, owner, function: Callable, dynamic_batch: bool, uncompiled: _Uncompiled):
         super().__init__(owner, "forward")
-        self.compiled, self.dynamic_batch = function, dynamic_batch
+        self.compiled, self.dynamic_batch, self.uncompiled = function, dynamic_batch, uncompiled
 
     def around(self, *args, **kwargs):
+        if self.uncompiled.now:
+            return self.inner(*args, **kwargs)
         if self.dynamic_batch:  # as compile does for whole models: one graph for every batch size
             mark_batch_dynamic(args, kwargs)
         with raised_recompile_limit():  # as for whole models: a new shape or LoRA must not hit dynamo's limit of 8
@@ -106,11 +150,18 @@ class _BlocksCompiled(_NotPickled):
 
     transform = "compile"
 
-    def __init__(self, owner, name: str, count: int, cache=None):
+    def __init__(self, owner, name: str, count: int, cache=None, uncompiled: Optional[_Uncompiled] = None):
         super().__init__(owner, "forward")
         self.label, self.count, self.cache, self.calls = name, count, cache, 0
+        self.uncompiled, self.warned = uncompiled or _Uncompiled(), False
 
     def around(self, *args, **kwargs):
+        hook = getattr(self.owner, "_hf_hook", None)
+        self.uncompiled.now = hook is not None and not _is_model_offload(hook)
+        if self.uncompiled.now and not self.warned:  # once, as for a model compiled whole
+            self.warned = True
+            why = offload_blocker(self.owner) or f"{type(hook).__name__} on {self.label}"
+            logger.warning("diffopt: %s; running its blocks uncompiled", why)
         first = self.calls == 0
         self.calls += 1
         if first:
@@ -138,15 +189,15 @@ def apply_block_compile(
     blocks = transformer_blocks(model)
     if not blocks:
         return None
-    since, compiled = mark(), {}
+    since, compiled, uncompiled = mark(), {}, _Uncompiled()
     for block in blocks:
         cls = type(block)
         if cls not in compiled:
             compiled[cls] = torch.compile(own_block_entry(model, cls), **options)
         function = compiled[cls]
-        _CompiledBlock(block, function, dynamic_batch).install()
+        _CompiledBlock(block, function, dynamic_batch, uncompiled).install()
     if name is not None:
-        _BlocksCompiled(model, name, len(blocks), cache).install()
+        _BlocksCompiled(model, name, len(blocks), cache, uncompiled).install()
     kinds = ", ".join(sorted(cls.__name__ for cls in compiled))
     detail = f"{describe(options)} on each of {len(blocks)} blocks ({kinds}), {purpose}"
     detail += ", dynamic batch" if dynamic_batch else ""
@@ -175,6 +226,12 @@ def plan(ctx) -> List[Step]:
         return []  # compiled whole: a UNet, or CUDA graphs asked for by name, which the whole model has run with
     if reason:
         raise ValueError(f"compile_blocks=True: {reason}")
+    hooked = why_blocks_are_hooked(denoiser.module)
+    if hooked and setting:
+        raise ValueError(f"compile_blocks=True: {hooked}; remove it (disable_cache()) or pass compile_blocks=False")
+    if hooked:
+        ctx.report.add(denoiser.name, NAME, SKIPPED, f"blocks not compiled one by one: {hooked}; compiled whole")
+        return []
     chosen = "compile_blocks" if setting else "compile_blocks, the default for transformers"
     options = options_for(denoiser, ctx, ctx.report, per_block=chosen)
     ctx.block_compiled.add(denoiser.name)
