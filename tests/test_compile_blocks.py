@@ -351,3 +351,16 @@ def test_lora_hotswap_enabled_before_optimize_loads_into_compiled_blocks_without
     pipe.load_lora_weights(lora)
     assert rel_l2(run_pipeline(pipe), run_pipeline(reference)) < 1e-5
     diffopt.restore(pipe)
+
+
+def test_compile_blocks_false_with_the_first_block_cache_is_an_error_and_changes_nothing():
+    # The cache decides between blocks on the host, so it always compiles them one by one: asking for the whole
+    # model as well is a contradiction to name, not to resolve silently.
+    pipe = flux_blocks_pipeline()
+    before = snapshot(pipe)
+    with pytest.raises(ValueError, match=r"compile_blocks=False .* first-block cache \(cache='first_block'\)"):
+        diffopt.optimize(pipe, compile=FAST, compile_blocks=False, cache="first_block")
+    assert_same(before, snapshot(pipe))
+    report = diffopt.optimize(pipe, compile=False, compile_blocks=False, cache="first_block")  # nothing compiled
+    assert ("transformer", "cache") in {(s.component, s.transform) for s in report.applied}
+    diffopt.restore(pipe)

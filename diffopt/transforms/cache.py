@@ -391,6 +391,11 @@ def plan(ctx) -> List[Step]:
         options = ctx.compile_options.get(denoiser.name)
         if options is not None:
             options = compile_transform.options_for(denoiser, ctx, ctx.report, per_block="the first-block cache")
+        if options is not None and config.compile_blocks is False:
+            # The cache decides between blocks on the host, so its compiled code is the blocks', never the whole model's.
+            raise ValueError(f"compile_blocks=False asks for {denoiser.name} compiled whole, but the first-block cache "
+                             f"(cache={config.cache!r}) compiles its blocks one by one, deciding between them whether "
+                             "to run the rest; drop one of them")  # fmt: skip
         if options is not None:
             # Blocks first: the cache hooks must wrap compiled blocks (see apply_block_compile).
             ctx.block_compiled.add(denoiser.name)
