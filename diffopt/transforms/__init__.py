@@ -25,6 +25,6 @@ from . import (
 # before compile (it hooks only the image processor, which nothing else touches), compile last: it traces the cached
 # forward, so that the block wrappers and the clock flag they read become the guards of two graphs (full step,
 # cached step). The first-block cache is the exception that proves the order: it must wrap blocks that are already
-# compiled, so its planner plans both. compile_blocks (a transformer's repeated blocks)
-# runs just before compile and takes the denoiser from it.
+# compiled, so its planner plans both. compile_blocks (a transformer's repeated blocks) runs just before compile and
+# takes the denoiser from it.
 ORDER = (attention_backend, fuse_projections, memory_format, quantize, timesteps, cache, postprocess, compile_blocks, compile)

@@ -179,6 +179,16 @@ def _is_model_offload(hook) -> bool:
     return type(hook).__name__ == "CpuOffload"
 
 
+def offloaded_inside(module: torch.nn.Module, name: str) -> Optional[str]:
+    """Why a call of ``module`` must run its eager forward now, or None: an offload hook added after optimize that
+    moves every layer's weights inside the forward (accelerate's sequential offload), whose hooks on the layers a
+    compiled graph cannot trace. Model offload (one move around the whole forward) is not such a hook."""
+    hook = getattr(module, "_hf_hook", None)
+    if hook is None or "_old_forward" not in vars(module) or _is_model_offload(hook):
+        return None
+    return offload_blocker(module) or f"{type(hook).__name__} on {name}"
+
+
 # ---- the compiled call ------------------------------------------------------------------------------------------
 
 
@@ -228,17 +238,17 @@ class CompiledCall(Layer):
         if first:
             compiling_notice(self.name, self.cache, "a minute or more for a full-size model")
         graphs, started = graphs_compiled(), time.perf_counter()
+        uncompiled = offloaded_inside(module, self.name)
         with raised_recompile_limit():
-            if hook is None or "_old_forward" not in vars(module):
-                output = self.compiled(module, *args, **kwargs)
-            elif _is_model_offload(hook):
-                output = self._offloaded_call(hook, args, kwargs)
-            else:
+            if uncompiled:
                 if not self.warned:  # once per compiled call, and nothing left on the module
                     self.warned = True
-                    why = offload_blocker(module) or f"{type(hook).__name__} on {self.name}"
-                    logger.warning("diffopt: %s; running it uncompiled", why)
+                    logger.warning("diffopt: %s; running it uncompiled", uncompiled)
                 output = module._call_impl(*args, **kwargs)
+            elif hook is not None and "_old_forward" in vars(module):  # model offload: its hook runs outside
+                output = self._offloaded_call(hook, args, kwargs)
+            else:
+                output = self.compiled(module, *args, **kwargs)
         if first or graphs_compiled() != graphs:
             compiled_report(self.name, self.cache, first, time.perf_counter() - started)
         return output
@@ -319,20 +329,29 @@ class _nothing:
 class raised_recompile_limit:
     """Dynamo's recompile limit (8 variants per code object) ends in a hard error under fullgraph=True. Our entry
     is per model, so it counts one model's variants: shapes, and every LoRA load, fuse or unfuse, which a notebook
-    trying adapters runs through quickly. Raised for our calls only, and put back after."""
+    trying adapters runs through quickly. Raised for our calls only, and put back after. Nested uses (the compiled
+    blocks inside a model call that raised it already) write nothing: dynamo's config costs microseconds a write."""
+
+    depth = 0  # the uses entered and not yet left, in this process
+    name = before = None  # the config field and its value before the outermost use
 
     def __init__(self, limit: int = RECOMPILE_LIMIT):
-        config = torch._dynamo.config
-        self.name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # torch < 2.6
         self.limit = limit
 
     def __enter__(self):
-        config = torch._dynamo.config
-        self.before = getattr(config, self.name)
-        setattr(config, self.name, max(self.before, self.limit))
+        cls = type(self)
+        if cls.depth == 0:
+            config = torch._dynamo.config
+            cls.name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # torch < 2.6
+            cls.before = getattr(config, cls.name)
+            setattr(config, cls.name, max(cls.before, self.limit))
+        cls.depth += 1
 
     def __exit__(self, *exc):
-        setattr(torch._dynamo.config, self.name, self.before)
+        cls = type(self)
+        cls.depth -= 1
+        if cls.depth == 0:
+            setattr(torch._dynamo.config, cls.name, cls.before)
         return False
 
 

@@ -5,13 +5,13 @@ each with its own weights. Compiled whole, the model is one graph that inductor 
 by block, so the first call pays for every block. Compiled here, each block class's ``forward`` is compiled once and
 takes the block as an argument (its weights are graph inputs), so every block of a class runs the same graph (or one
 more, where the first block of a class gets its input in another memory layout: Flux's first single-stream block),
-and the first call pays for one block of each class. The code around the blocks (embeddings, final norm and projection) runs
-eager. UNets are not covered: their down and up blocks differ in channels and resolution, so there is nothing to
+and the first call pays for one block of each class. The code around the blocks (embeddings, final norm and
+projection) runs eager. UNets are not covered: their down and up blocks differ in channels and resolution, so there is nothing to
 share (compiling them one by one takes longer than compiling the whole UNet).
 
 The first-block cache (cache.py) compiles this way too, because it decides between blocks on the host whether to
-run the rest. Used alone (``compile_blocks``, by default for a denoiser whose blocks repeat), a hook on the model's ``forward`` logs the first call and keeps
-the compile cache (compile_cache.py) as the whole-model compiled call does.
+run the rest. Used alone (``compile_blocks``, by default for a denoiser whose blocks repeat), a hook on the model's
+``forward`` logs the first call and keeps the compile cache (compile_cache.py) as the whole-model compiled call does.
 """
 from __future__ import annotations
 
@@ -25,8 +25,8 @@ from ..layers import Applied, InstanceHook, layers_of, mark
 from ..plan import Step
 from ..report import SKIPPED
 from .compile import (
-    NAME, asks_for_cuda_graphs, compiled_report, compiling_notice, describe, graphs_compiled, _is_model_offload,
-    mark_batch_dynamic, offload_blocker, options_for, own_block_entry, raised_recompile_limit,
+    NAME, asks_for_cuda_graphs, compiled_report, compiling_notice, describe, graphs_compiled, mark_batch_dynamic,
+    offloaded_inside, options_for, own_block_entry, raised_recompile_limit,
 )
 
 logger = logging.getLogger(__name__)
@@ -156,11 +156,10 @@ class _BlocksCompiled(_NotPickled):
         self.uncompiled, self.warned = uncompiled or _Uncompiled(), False
 
     def around(self, *args, **kwargs):
-        hook = getattr(self.owner, "_hf_hook", None)
-        self.uncompiled.now = hook is not None and not _is_model_offload(hook)
-        if self.uncompiled.now and not self.warned:  # once, as for a model compiled whole
+        why = offloaded_inside(self.owner, self.label)
+        self.uncompiled.now = why is not None
+        if why and not self.warned:  # once, as for a model compiled whole
             self.warned = True
-            why = offload_blocker(self.owner) or f"{type(hook).__name__} on {self.label}"
             logger.warning("diffopt: %s; running its blocks uncompiled", why)
         first = self.calls == 0
         self.calls += 1
@@ -168,7 +167,8 @@ class _BlocksCompiled(_NotPickled):
             compiling_notice(f"the {self.count} blocks of {self.label}, one graph per block class", self.cache,
                              "seconds to a minute")  # fmt: skip
         graphs, started = graphs_compiled(), time.perf_counter()
-        output = self.inner(*args, **kwargs)
+        with raised_recompile_limit():  # once for all the blocks of this call (theirs are nested, so free)
+            output = self.inner(*args, **kwargs)
         if first or graphs_compiled() != graphs:
             compiled_report(f"the blocks of {self.label}", self.cache, first, time.perf_counter() - started)
         return output
