@@ -8,9 +8,10 @@ Every change is a :class:`Layer` recorded in the changed object's ``_diffopt_lay
   blocks and schedulers (a layer holds references to parts of its owner, never a closure over them);
 * ``pickle`` carries it too, except a compiled call, which says to ``restore`` first.
 
-A layer that replaces a method on an instance (:class:`InstanceHook`) installs *itself* as that attribute, so
-undo can find it and unlink exactly it, also when something else (an offload hook, another layer) wrapped it
-afterwards.
+A layer that replaces a method on an instance (:class:`InstanceHook`) installs *itself* as that attribute (or,
+where dynamo must see one function for many instances, a method bound to the instance that it recognizes, see
+``InstanceHook.holds_this``), so undo can find it and unlink exactly it, also when something else (an offload hook,
+another layer) wrapped it afterwards.
 """
 from __future__ import annotations
 
@@ -114,9 +115,13 @@ class InstanceHook(Layer):
     def around(self, *args, **kwargs):  # subclasses run their work around self.inner
         return self.inner(*args, **kwargs)
 
+    def holds_this(self, value: Any) -> bool:
+        """Whether ``value`` (the attribute, or what a wrapper above keeps) is what :meth:`install` put there."""
+        return value is self
+
     def undo(self, owner: Any) -> None:
         current = vars(owner).get(self.name)
-        if current is self:
+        if self.holds_this(current):
             if self.had_own:
                 setattr(owner, self.name, self.previous)
             else:
@@ -124,7 +129,7 @@ class InstanceHook(Layer):
             return
         # Wrapped again since: unlink this layer from the chain, keep what wraps it.
         for holder, field in _chain(owner, self.name):
-            if getattr(holder, field, None) is self:
+            if self.holds_this(getattr(holder, field, None)):
                 if field == "previous" and not self.had_own:  # the hook above now calls the class's method
                     holder.had_own, holder.previous, holder.function = False, None, self.function
                 else:

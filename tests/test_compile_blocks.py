@@ -4,7 +4,7 @@ entry, and restore leaves nothing behind. UNets compile whole unless compile_blo
 import pytest
 import torch
 from conftest import (
-    CROSS_DIM, rel_l2, run_pipeline, sd3_pipeline, sd_pipeline, transformer_inputs, vars_by_identity,
+    CROSS_DIM, rel_l2, run_pipeline, sd3_pipeline, sd3_transformer, sd_pipeline, transformer_inputs, vars_by_identity,
 )
 from test_roundtrip import assert_same, snapshot
 from torch._dynamo.utils import counters
@@ -364,3 +364,62 @@ def test_compile_blocks_false_with_the_first_block_cache_is_an_error_and_changes
     report = diffopt.optimize(pipe, compile=False, compile_blocks=False, cache="first_block")  # nothing compiled
     assert ("transformer", "cache") in {(s.component, s.transform) for s in report.applied}
     diffopt.restore(pipe)
+
+
+def _pretend_flash_runs_here(monkeypatch):
+    # The gates keep FlashAttention to CUDA cards; torch's CPU build has a FlashAttention kernel of its own, which
+    # is all these tests need. "auto" on this CPU then prefers it.
+    from diffopt import capabilities
+
+    real = capabilities.attention_backend
+    monkeypatch.setattr(capabilities, "attention_backend", lambda name, device, dtype: (
+        capabilities.Gate(name, True) if name == "flash" else real(name, device, dtype)))
+    monkeypatch.setitem(capabilities.AUTO_ATTENTION, "cpu", ("flash", "sdpa"))
+
+
+@pytest.mark.parametrize("kind, attention", [("sd3", "flash"), ("flux", "auto")])
+def test_attention_kernels_keep_one_graph_per_block_class(monkeypatch, kind, attention):
+    # A forced kernel (SD3's processors call SDPA themselves) and a preferred one (Flux's go through diffusers'
+    # dispatcher) wrap every attention layer's forward. Were each wrapper an object of its own, dynamo would guard
+    # on its identity and compile every block again: on an H200, Flux.1-dev's first call took 68 s instead of 14.
+    _pretend_flash_runs_here(monkeypatch)
+    graphs = {}
+    for choice in ("sdpa", attention):
+        model = sd3_transformer(layers=4) if kind == "sd3" else deeper_flux(single=4)
+        inputs = transformer_inputs(model)
+        eager = run(model, inputs)
+        report = diffopt.optimize(model, attention=choice, compile=FAST, compile_blocks=True)
+        assert choice == "sdpa" or any("FLASH_ATTENTION" in s.detail for s in report.applied if s.transform == "attention")
+        torch._dynamo.reset()
+        counters.clear()
+        assert rel_l2(run(model, inputs), eager) < 1e-5
+        graphs[choice] = counters["stats"]["unique_graphs"]
+        diffopt.restore(model)
+        assert not any("forward" in vars(module) for module in model.modules())
+    assert graphs[attention] == graphs["sdpa"] < 4
+
+
+def test_attention_kernels_follow_a_deep_copy_and_pickling_refuses(monkeypatch):
+    import copy
+    import pickle
+
+    from diffopt.transforms.attention import attention_modules
+    from diffopt.transforms.attention_backend import kernel_of
+
+    _pretend_flash_runs_here(monkeypatch)
+    model = sd3_transformer(layers=2)
+    inputs = transformer_inputs(model)
+    eager = run(model, inputs)
+    diffopt.optimize(model, attention="flash", compile=False)
+    twin = copy.deepcopy(model)
+    for _, layer in attention_modules(twin):
+        assert layer.forward.__self__ is layer and kernel_of(layer) == ("FLASH_ATTENTION",)  # bound to the copy
+    assert rel_l2(run(twin, inputs), eager) < 1e-5
+    diffopt.restore(twin)
+    assert not any("forward" in vars(module) for module in twin.modules())
+    assert all(kernel_of(layer) == ("FLASH_ATTENTION",) for _, layer in attention_modules(model))  # still on
+    with pytest.raises(TypeError, match="restore"):
+        pickle.dumps(model)
+    diffopt.restore(model)
+    assert torch.equal(run(model, inputs), run(twin, inputs))
+    pickle.dumps(model)

@@ -13,6 +13,8 @@ diffusers has two kinds of attention layers, and a backend has to be selected di
 """
 from __future__ import annotations
 
+import copy
+import functools
 import logging
 from collections import Counter
 from typing import List, Optional, Tuple
@@ -24,7 +26,7 @@ from .. import capabilities
 from ..attention_names import DISPATCHER, DISPATCHER_ONLY, FAMILY, KERNELS
 from ..components import module_device, module_dtype
 from ..config import is_inductor
-from ..layers import Applied, InstanceHook, Layer, attach, detach, mark, undo_all
+from ..layers import Applied, InstanceHook, Layer, attach, detach, find, mark, undo_all
 from ..plan import Step
 from ..report import SKIPPED
 from .attention import FAMILIES, NAME, apply_attention, attention_modules, missing_classes
@@ -55,7 +57,14 @@ class KernelForward(InstanceHook):
     """An attention layer's ``forward`` run under ``sdpa_kernel(kernels)``; ``prefer``: only moved to the front
     (fallback allowed), else nothing else allowed (a kernel that cannot run raises instead of silently falling
     back). dynamo traces the context manager into the compiled graph; the processor itself is not touched, so
-    adapters loaded later and ``attn_processors`` keep working."""
+    adapters loaded later and ``attn_processors`` keep working.
+
+    The layer's ``forward`` becomes a method bound to the layer, of one function per attention class and kernel
+    choice (:func:`_forward_under_kernels`), not this object: dynamo guards on the identity of a callable object
+    installed as ``forward``, so an object per layer would give every block of a transformer compiled block by
+    block a graph of its own (57 compiles instead of 2 for Flux). Where the layer already had a ``forward`` of its
+    own, this object is installed and calls it, as other hooks do.
+    """
 
     transform = "attention"
 
@@ -63,19 +72,62 @@ class KernelForward(InstanceHook):
         super().__init__(owner, "forward")
         self.kernels, self.prefer = tuple(kernels), prefer
 
-    def around(self, *args, **kwargs):
-        from torch.nn.attention import sdpa_kernel
+    def install(self) -> "KernelForward":
+        if self.had_own:
+            return super().install()
+        method = _forward_under_kernels(type(self.owner), self.kernels, self.prefer).__get__(self.owner)
+        setattr(self.owner, self.name, method)
+        return attach(self.owner, self)
 
-        backends = _sdpa_backends(self.kernels)
-        # set_priority (torch 2.6) is passed only when preferring, so forcing works on torch 2.3-2.5 too.
-        with sdpa_kernel(backends, set_priority=True) if self.prefer else sdpa_kernel(backends):
+    def holds_this(self, value) -> bool:
+        return super().holds_this(value) or (
+            getattr(value, "__self__", None) is self.owner
+            and getattr(value, "__func__", None) is _forward_under_kernels(type(self.owner), self.kernels, self.prefer)
+        )
+
+    def around(self, *args, **kwargs):
+        with _kernels_context(self.kernels, self.prefer):
             return self.inner(*args, **kwargs)
+
+    def __deepcopy__(self, memo):
+        twin = type(self).__new__(type(self))
+        memo[id(self)] = twin
+        twin.__dict__.update(copy.deepcopy(self.__dict__, memo))
+        return twin
+
+    def __reduce_ex__(self, protocol):
+        raise TypeError(
+            f"diffopt: the attention kernels {list(self.kernels)} set by diffopt.optimize on {type(self.owner).__name__} "
+            "cannot be pickled; call diffopt.restore(pipe) before pickling (and diffopt.optimize(pipe) again after loading)"
+        )
+
+
+def _kernels_context(kernels: Tuple[str, ...], prefer: bool):
+    from torch.nn.attention import sdpa_kernel
+
+    backends = _sdpa_backends(kernels)
+    # set_priority (torch 2.6) is passed only when preferring, so forcing works on torch 2.3-2.5 too.
+    return sdpa_kernel(backends, set_priority=True) if prefer else sdpa_kernel(backends)
+
+
+@functools.lru_cache(maxsize=None)
+def _forward_under_kernels(cls: type, kernels: Tuple[str, ...], prefer: bool):
+    """``cls.forward`` under ``sdpa_kernel(kernels)``, as a function of the layer; the same function object for
+    every layer of ``cls`` with that choice (see :class:`KernelForward`)."""
+    forward = cls.forward
+
+    @functools.wraps(forward)
+    def forward_under_kernels(self, *args, **kwargs):
+        with _kernels_context(kernels, prefer):
+            return forward(self, *args, **kwargs)
+
+    return forward_under_kernels
 
 
 def kernel_of(attn: torch.nn.Module) -> Optional[Tuple[str, ...]]:
     """The SDPA kernels a layer's forward was wrapped with by diffopt, or None."""
-    forward = attn.__dict__.get("forward")
-    return forward.kernels if isinstance(forward, KernelForward) else None
+    layer = find(attn, KernelForward)
+    return layer.kernels if layer is not None and layer.holds_this(vars(attn).get("forward")) else None
 
 
 def _wrap_forwards(layers, kernels: Tuple[str, ...], prefer: bool) -> Optional[str]:
