@@ -7,6 +7,7 @@ a cold start, and DIFFOPT_CACHE_DIR at a directory an earlier run filled for a w
     python benchmarks/first_image.py diffopt:dynamic_batch=True sd15 1,4,1
     python benchmarks/first_image.py diffusers-compile sd15 1
     python benchmarks/first_image.py eager sd15 1
+    python benchmarks/first_image.py diffopt sd15 1,1@768,1       # BATCH@SIZE: a new resolution (SD1.5 and SDXL)
     python benchmarks/first_image.py diffopt sd3-medium 1,4,1     # any pipeline of diffopt bench (bf16 but SD1.5/SDXL)
 """
 import json
@@ -20,14 +21,17 @@ from diffusers import DDIMScheduler, EulerDiscreteScheduler, StableDiffusionPipe
 
 from diffopt.bench.configs import build_model
 
-recipe, model, batches = sys.argv[1], sys.argv[2], [int(b) for b in sys.argv[3].split(",")]
+recipe, model = sys.argv[1], sys.argv[2]
+shapes = [(int(item.split("@")[0]), int(item.split("@")[1]) if "@" in item else None) for item in sys.argv[3].split(",")]
 steps = int(sys.argv[4]) if len(sys.argv) > 4 else (50 if model == "sd15" else 30 if model == "sdxl" else None)
 device, dtype = "cuda", torch.float16 if model in ("sd15", "sdxl") else torch.bfloat16
 start = time.perf_counter()
-stage = None
+stage, size = None, None
 if model not in ("sd15", "sdxl"):  # a pipeline of diffopt bench, with its own inputs and step count
     from diffopt.bench.pipelines import build_case
 
+    if any(height for _, height in shapes):
+        sys.exit("BATCH@SIZE is for sd15 and sdxl")
     (stage,) = build_case(model, size="full", device=torch.device(device), dtype=dtype, steps=steps).stages
     pipe, steps = stage.pipe, stage.steps
 elif model == "sd15":
@@ -42,7 +46,7 @@ pipe.set_progress_bar_config(disable=True)
 built = time.perf_counter() - start
 
 
-def call(batch):
+def call(batch, height=None):
     if stage is not None:
         torch.cuda.synchronize()
         t = time.perf_counter()
@@ -53,7 +57,7 @@ def call(batch):
     g = torch.Generator(device).manual_seed(0)
     kwargs = dict(prompt_embeds=torch.randn(batch, *context, device=device, dtype=dtype, generator=g),
                   negative_prompt_embeds=torch.randn(batch, *context, device=device, dtype=dtype, generator=g),
-                  num_inference_steps=steps, height=size, width=size, output_type="latent")
+                  num_inference_steps=steps, height=height or size, width=height or size, output_type="latent")
     if model == "sdxl":
         kwargs.update(pooled_prompt_embeds=torch.randn(batch, 1280, device=device, dtype=dtype, generator=g),
                       negative_pooled_prompt_embeds=torch.randn(batch, 1280, device=device, dtype=dtype, generator=g))
@@ -91,12 +95,14 @@ def compile_phases():
                 aot_autograd={k: v for k, v in counters["aot_autograd"].items() if "cache" in k or "hit" in k})
 
 
-for index, batch in enumerate(batches):
-    first, latents = call(batch)
+for index, (batch, height) in enumerate(shapes):
+    first, latents = call(batch, height)
     if index == 0:
         result["first_compile"] = compile_phases()
-    times = sorted(call(batch)[0] for _ in range(5))
-    result["shapes"].append(dict(batch=batch, first_call_s=round(first, 2), steady_s=round(times[2], 4),
-                                 steps_per_s=round(steps / times[2], 2)))
-    result.setdefault("latents", latents.float().cpu().flatten()[:4096].tolist() if batch == batches[0] else None)
+    times = sorted(call(batch, height)[0] for _ in range(5))
+    result["shapes"].append(dict(batch=batch, height=height or size, first_call_s=round(first, 2),
+                                 steady_s=round(times[2], 4), steps_per_s=round(steps / times[2], 2)))
+    if index == 0:
+        result["latents"] = latents.float().cpu().flatten()[:4096].tolist()
+    print("SHAPE", json.dumps(result["shapes"][-1]), flush=True)  # what a run cut short still shows
 print("RESULT", json.dumps(result), flush=True)
