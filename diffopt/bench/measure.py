@@ -18,7 +18,8 @@ Method, the same for every cell so that numbers compare:
   embedding and latent preparation and the scheduler's host work) are medians over them. They are calls of their
   own so that the wrappers' extra synchronizations change none of the timed calls;
 * the recipe's own time (``optimize_s``: ``diffopt.optimize``, or wrapping in ``torch.compile``) is timed apart from
-  the build; time to the first image = ``optimize_s`` + the first calls of the stages;
+  the build; time to the first image = ``optimize_s`` + the first calls of the stages + what their first calls
+  to PIL images took beyond a steady one (a compiled decoder compiles then);
 * when the run has a next batch size, one more call at that batch size on the same optimized pipeline, after
   everything else of the cell (so that it changes neither the timed calls nor the peak memory): the "new shape"
   first call, what a user pays (a recompile, for compiled recipes) the first time a new batch size comes in.

@@ -282,9 +282,9 @@ def _break_even(value: Optional[int]) -> str:
 
 def first_image_rows(run: BenchRun, batch_size: int) -> list[list[str]]:
     """A row per pipeline and recipe: the recipe's time (optimize), its cold first call (summed over the stages),
-    their sum (time to the first image), the first call at the run's next batch size on the same pipeline, the
-    steady seconds per call (median), and after how many images it has cost less than eager sdpa ("-": never,
-    or no sdpa cell); with --warm-start, the same in a new process that loaded the saved compile."""
+    the time to the first image (:func:`time_to_first_image`), the first call at the run's next batch size on the
+    same pipeline, the steady seconds per call (median), and after how many images it has cost less than eager
+    sdpa ("-": never, or no sdpa cell); with --warm-start, the same in a new process that loaded the saved compile."""
     warm = has_warm_start(run)
     rows = []
     for label, recipe, cell in _cells(run, batch_size):
@@ -292,7 +292,7 @@ def first_image_rows(run: BenchRun, batch_size: int) -> list[list[str]]:
             rows.append(_failed_row(label, recipe, len(first_image_header(run)), cell))
             continue
         first = _stage_sum(cell, "first_call_s")
-        to_image = first + (cell.optimize_s or 0.0) if first is not None else None
+        to_image = None if first is None else (cell.optimize_s or 0.0) + first + _first_decode_extra(cell)
         # IF's upscalers always run at batch 1: the stages that met a new shape are those that count.
         new = [stage for stage in cell.stages if stage.new_shape_first_call_s is not None]
         new_shape_text = "-"
@@ -475,10 +475,21 @@ def write_outputs(run: BenchRun, out_dir: str) -> dict[str, Optional[str]]:
 
 
 def time_to_first_image(cell: CellResult, warm: bool = False) -> Optional[float]:
-    """optimize + the stages' first calls (cold, or of the --warm-start process); None when not measured."""
+    """optimize + the stages' first calls (cold, or of the --warm-start process); None when not measured. Cold, it
+    adds what the first call to PIL images took beyond a steady one (:func:`_first_decode_extra`): the first calls
+    return latents, and a recipe that compiles the VAE decoder pays for that compile only when it first decodes."""
     optimize = cell.warm_optimize_s if warm else cell.optimize_s
     first = _stage_sum(cell, "warm_first_call_s" if warm else "first_call_s") if cell.stages else None
-    return None if optimize is None or first is None else optimize + first
+    if optimize is None or first is None:
+        return None
+    return optimize + first + (0.0 if warm else _first_decode_extra(cell))
+
+
+def _first_decode_extra(cell: CellResult) -> float:
+    """Seconds the stages' first calls to PIL images took beyond their steady calls to PIL images (the decoder's
+    compile and first-run costs); a stage where either was not measured adds 0."""
+    return sum(max(0.0, stage.first_decode_call_s - stage.end_to_end_s) for stage in cell.stages
+               if stage.first_decode_call_s is not None and stage.end_to_end_s is not None)
 
 
 def plot_first_image(run: BenchRun, path: str) -> Optional[str]:
