@@ -97,8 +97,9 @@ class KernelForward(InstanceHook):
 
     def __reduce_ex__(self, protocol):
         raise TypeError(
-            f"diffopt: the attention kernels {list(self.kernels)} set by diffopt.optimize on {type(self.owner).__name__} "
-            "cannot be pickled; call diffopt.restore(pipe) before pickling (and diffopt.optimize(pipe) again after loading)"
+            f"diffopt: the attention kernels {list(self.kernels)} set by diffopt.optimize on "
+            f"{type(self.owner).__name__} cannot be pickled; call diffopt.restore(pipe) before pickling (and "
+            "diffopt.optimize(pipe) again after loading)"
         )
 
 
