@@ -100,6 +100,35 @@ def test_by_default_a_new_batch_size_recompiles():
     diffopt.restore(unet)
 
 
+def test_a_new_input_shape_is_announced_before_it_compiles(caplog):
+    # A new shape compiles as long as a first call (minutes for a full-size model): say so before, not only after.
+    # A batch size after dynamo made the batch dynamic, or a shape seen before, compiles nothing: no notice then.
+    unet = tiny_unet()
+    diffopt.optimize(unet, compile={"backend": "aot_eager"})
+    size = unet.config.sample_size
+
+    def call(batch, side=size):
+        inputs = unet_inputs(unet, batch)
+        inputs["sample"] = torch.randn(batch, unet.config.in_channels, side, side)
+        caplog.clear()
+        with torch.no_grad(), caplog.at_level("WARNING", logger="diffopt"):
+            unet(**inputs)
+        return [r.getMessage() for r in caplog.records if "new input shapes" in r.getMessage() or "again" in r.getMessage()]
+
+    call(1)
+    notices = call(2)
+    assert len(notices) == 2 and "batch 1 -> 2" in notices[0] and "dynamic_batch=True" in notices[0]
+    assert "compiled UNet2DConditionModel again" in notices[1]  # after the notice, and it did compile
+    assert call(1) == [] and call(3) == []  # seen before; the batch is dynamic by now
+    (notice, *_) = call(3, side=size * 2)  # a new resolution
+    assert f"(3, 4, {size}, {size}) -> (3, 4, {size * 2}, {size * 2})" in notice and "dynamic_batch" not in notice
+    diffopt.restore(unet)
+    diffopt.optimize(unet, compile={"backend": "aot_eager"}, dynamic_batch=True)
+    call(1)
+    assert not [n for n in call(2) if "new input shapes" in n]  # compiled for every batch size already
+    diffopt.restore(unet)
+
+
 def _symbolic_inputs_of_each_graph(compile_with):
     """Compile three UNets in turn with ``compile_with(unet, backend)``, with IF's input channels (stage I: 3,
     stage II: 6, the x4 upscaler: 7) and sizes, and call each at batch 1 then 2. Returns, per captured graph, how

@@ -35,6 +35,8 @@ _ATTR = "_compiled_call_impl"
 CUDA_GRAPH_MODES = {"reduce-overhead": None, "max-autotune": "max-autotune-no-cudagraphs"}
 #: Dynamo's recompile limit while a module compiled by diffopt runs (see CompiledCall.__call__).
 RECOMPILE_LIMIT = 64
+#: How long a whole model's first compiled call takes, as the notices say it.
+FIRST_CALL = "a minute or more for a full-size model"
 
 _SERIAL = itertools.count()
 # The entries of each module compiled so far (see own_entry), for as long as the module lives.
@@ -135,10 +137,9 @@ def describe(options: Dict[str, Any]) -> str:
     return "torch.compile(" + ", ".join(f"{k}={v!r}" for k, v in options.items()) + ")"
 
 
-def mark_batch_dynamic(args, kwargs) -> None:
-    """Mark dim 0 of every tensor argument whose dim 0 is the batch (the first tensor's) as dynamic, one level
-    into dicts, lists and tuples (SDXL's added_cond_kwargs, ControlNet residuals). "maybe": a size that must
-    stay static (0 or 1) is specialized instead of raising."""
+def _input_tensors(args, kwargs) -> List[torch.Tensor]:
+    """The tensor arguments of a call with at least one dimension, one level into dicts, lists and tuples (SDXL's
+    added_cond_kwargs, ControlNet residuals), in order."""
     values = []
     for value in list(args) + list(kwargs.values()):
         if isinstance(value, dict):
@@ -147,7 +148,13 @@ def mark_batch_dynamic(args, kwargs) -> None:
             values += value
         else:
             values.append(value)
-    tensors = [v for v in values if isinstance(v, torch.Tensor) and v.dim() > 0]
+    return [v for v in values if isinstance(v, torch.Tensor) and v.dim() > 0]
+
+
+def mark_batch_dynamic(args, kwargs) -> None:
+    """Mark dim 0 of every tensor argument whose dim 0 is the batch (the first tensor's) as dynamic. "maybe": a
+    size that must stay static (0 or 1) is specialized instead of raising."""
+    tensors = _input_tensors(args, kwargs)
     if not tensors:
         return
     batch = tensors[0].shape[0]
@@ -213,7 +220,7 @@ class CompiledCall(Layer):
         self.compiled = torch.compile(own_entry(module), **self.options)
         self.offloaded = None  # compiled lazily, the first time an offload hook is found
         self.replaced = None  # the compiled call this one stands in for (apply_compile), put back by undo
-        self.calls, self.warned = 0, False
+        self.calls, self.warned, self.shapes = 0, False, InputShapes()
         self.detail = describe(self.options) + "".join([
             ", dynamic batch" if dynamic_batch else "",
             ", new CUDA-graph step per call" if new_step else "",
@@ -235,8 +242,9 @@ class CompiledCall(Layer):
         hook = getattr(module, "_hf_hook", None)
         first = self.calls == 0
         self.calls += 1
+        self.shapes.notice(self.name, args, kwargs, FIRST_CALL, self.dynamic_batch)
         if first:
-            compiling_notice(self.name, self.cache, "a minute or more for a full-size model")
+            compiling_notice(self.name, self.cache, FIRST_CALL)
         graphs, started = graphs_compiled(), time.perf_counter()
         uncompiled = offloaded_inside(module, self.name)
         with raised_recompile_limit():
@@ -288,6 +296,40 @@ class CompiledCall(Layer):
             f"diffopt: {self.name} is compiled by diffopt.optimize and compiled code cannot be pickled; call "
             "diffopt.restore(pipe) before pickling (and diffopt.optimize(pipe) again after loading)"
         )
+
+
+class InputShapes:
+    """The input shapes a compiled model has been called with, so that a call with new ones says *before* it runs
+    that it may compile again, which takes as long as a first call: a long call is never silent. "May": a graph
+    made dynamic by an earlier shape change covers the new one without compiling (dynamo decides that)."""
+
+    def __init__(self):
+        self.seen, self.last = set(), None
+        # Input shapes (past the batch) whose batch has already changed to a size of 2 or more once: dynamo keeps a
+        # graph with a dynamic batch for them from then on (a size change that recompiles makes the size dynamic),
+        # so later batch sizes compile nothing new.
+        self.batch_dynamic = set()
+
+    def notice(self, name: str, args, kwargs, expected: str, dynamic_batch: bool = False) -> None:
+        shapes = tuple(tuple(t.shape) for t in _input_tensors(args, kwargs))
+        last, self.last = self.last, shapes
+        if shapes in self.seen:
+            return
+        self.seen.add(shapes)
+        if last is None or not shapes or not last:  # the first call has its own notice
+            return
+        before, now = last[0], shapes[0]
+        batch_only = before[1:] == now[1:] and before[:1] != now[:1]
+        if batch_only and dynamic_batch:  # compiled for every batch size already
+            return
+        if batch_only and now[0] > 1:
+            if now[1:] in self.batch_dynamic:
+                return
+            self.batch_dynamic.add(now[1:])
+        change = f"batch {before[0]} -> {now[0]}" if batch_only else f"input {before} -> {now}"
+        hint = "; dynamic_batch=True compiles one graph for every batch size" if batch_only else ""
+        logger.warning("diffopt: %s called with new input shapes (%s): it may compile again (%s)%s", name, change,
+                       expected, hint)  # fmt: skip
 
 
 def graphs_compiled() -> int:

@@ -25,8 +25,8 @@ from ..layers import Applied, InstanceHook, layers_of, mark
 from ..plan import Step
 from ..report import SKIPPED
 from .compile import (
-    NAME, asks_for_cuda_graphs, compiled_report, compiling_notice, describe, graphs_compiled, mark_batch_dynamic,
-    offloaded_inside, options_for, own_block_entry, raised_recompile_limit,
+    NAME, InputShapes, asks_for_cuda_graphs, compiled_report, compiling_notice, describe, graphs_compiled,
+    mark_batch_dynamic, offloaded_inside, options_for, own_block_entry, raised_recompile_limit,
 )
 
 logger = logging.getLogger(__name__)
@@ -144,16 +144,22 @@ class _CompiledBlock(_NotPickled):
             return self.compiled(self.owner, *args, **kwargs)
 
 
+#: How long the first call of a transformer compiled block by block takes, as the notices say it.
+BLOCKS_FIRST_CALL = "seconds to a minute"
+
+
 class _BlocksCompiled(_NotPickled):
     """On the model's ``forward``: says what the first call compiles and how long it took, and saves the compiled
     blocks to the compile cache after every call that compiled something (a new shape too)."""
 
     transform = "compile"
 
-    def __init__(self, owner, name: str, count: int, cache=None, uncompiled: Optional[_Uncompiled] = None):
+    def __init__(self, owner, name: str, count: int, cache=None, uncompiled: Optional[_Uncompiled] = None,
+                 dynamic_batch: bool = False):  # fmt: skip
         super().__init__(owner, "forward")
         self.label, self.count, self.cache, self.calls = name, count, cache, 0
         self.uncompiled, self.warned = uncompiled or _Uncompiled(), False
+        self.dynamic_batch, self.shapes = dynamic_batch, InputShapes()
 
     def around(self, *args, **kwargs):
         why = offloaded_inside(self.owner, self.label)
@@ -163,9 +169,10 @@ class _BlocksCompiled(_NotPickled):
             logger.warning("diffopt: %s; running its blocks uncompiled", why)
         first = self.calls == 0
         self.calls += 1
+        self.shapes.notice(self.label, args, kwargs, BLOCKS_FIRST_CALL, self.dynamic_batch)
         if first:
             compiling_notice(f"the {self.count} blocks of {self.label}, one graph per block class", self.cache,
-                             "seconds to a minute")  # fmt: skip
+                             BLOCKS_FIRST_CALL)  # fmt: skip
         graphs, started = graphs_compiled(), time.perf_counter()
         with raised_recompile_limit():  # once for all the blocks of this call (theirs are nested, so free)
             output = self.inner(*args, **kwargs)
@@ -197,7 +204,7 @@ def apply_block_compile(
         function = compiled[cls]
         _CompiledBlock(block, function, dynamic_batch, uncompiled).install()
     if name is not None:
-        _BlocksCompiled(model, name, len(blocks), cache, uncompiled).install()
+        _BlocksCompiled(model, name, len(blocks), cache, uncompiled, dynamic_batch).install()
     kinds = ", ".join(sorted(cls.__name__ for cls in compiled))
     detail = f"{describe(options)} on each of {len(blocks)} blocks ({kinds}), {purpose}"
     detail += ", dynamic batch" if dynamic_batch else ""
