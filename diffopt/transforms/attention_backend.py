@@ -97,8 +97,8 @@ class KernelForward(InstanceHook):
 
     def __reduce_ex__(self, protocol):
         raise TypeError(
-            f"diffopt: the attention kernels {list(self.kernels)} set by diffopt.optimize on "
-            f"{type(self.owner).__name__} cannot be pickled; call diffopt.restore(pipe) before pickling (and "
+            f"diffopt: the attention kernel {'preference' if self.prefer else 'choice'} {list(self.kernels)} set by "
+            f"diffopt.optimize on {type(self.owner).__name__} cannot be pickled; call diffopt.restore(pipe) before pickling (and "
             "diffopt.optimize(pipe) again after loading)"
         )
 
@@ -126,9 +126,10 @@ def _forward_under_kernels(cls: type, kernels: Tuple[str, ...], prefer: bool):
 
 
 def kernel_of(attn: torch.nn.Module) -> Optional[Tuple[str, ...]]:
-    """The SDPA kernels a layer's forward was wrapped with by diffopt, or None."""
+    """The SDPA kernels a layer's forward was wrapped with by diffopt, or None (also under a hook added since, such
+    as accelerate's, which calls the wrapped forward)."""
     layer = find(attn, KernelForward)
-    return layer.kernels if layer is not None and layer.holds_this(vars(attn).get("forward")) else None
+    return layer.kernels if layer is not None else None
 
 
 def _wrap_forwards(layers, kernels: Tuple[str, ...], prefer: bool) -> Optional[str]:
