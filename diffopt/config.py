@@ -265,6 +265,11 @@ class OptimizeConfig:
         # A bool or None, not merely equal to one: torch asserts on 1 and 0.
         if "dynamic" in options and not (options["dynamic"] is None or isinstance(options["dynamic"], bool)):
             raise ValueError(f"compile['dynamic'] must be True, False or None, got {options['dynamic']!r}")
+        # A name or a compiler function; anything else would only fail at the first call, inside torch.compile.
+        backend = options.get("backend")
+        if not (backend is None or isinstance(backend, str) or callable(backend)):
+            raise TypeError(f"compile['backend'] must be a backend name (torch._dynamo.list_backends()), a compiler "
+                            f"function or None, got {options['backend']!r} ({type(options['backend']).__name__})")
         if "options" in options and not isinstance(options["options"], Mapping):
             raise TypeError(f"compile['options'] must be a dict of inductor options, got {options['options']!r}")
         if options.get("mode") is not None and not takes_mode(options, ignore_backend=True):

@@ -28,6 +28,8 @@ def pipe():
         (dict(compile={"fullgrph": True}), ValueError, ["fullgrph", "fullgraph"]),
         (dict(compile={"dynamic": 1}), ValueError, ["compile['dynamic']", "1", "True, False or None"]),
         (dict(compile={"options": {"max_autotun": True}}), ValueError, ["'max_autotun'", "'max_autotune'", "list_options"]),
+        (dict(compile={"backend": "inductr"}), ValueError, ["compile['backend']", "'inductr'", "'aot_eager'"]),
+        (dict(compile={"backend": 3}), TypeError, ["compile['backend']", "3", "compiler function"]),
         (dict(compile_vae="no"), TypeError, ["'no'"]),
         (dict(compile_blocks="no"), TypeError, ["compile_blocks", "'no'"]),
         (dict(compile_blocks=True), ValueError, ["compile_blocks=True", "UNet2DConditionModel.down_blocks"]),
@@ -124,6 +126,14 @@ def test_failed_second_call_leaves_the_first_optimization(monkeypatch, pipe):
     after = snapshot(pipe)
     assert after["unet.processors"] == optimized["unet.processors"]
     assert after["unet.strides"] == optimized["unet.strides"]
+
+
+def test_an_unknown_backend_leaves_a_compiled_pipeline_compiled(pipe):
+    diffopt.optimize(pipe, compile={"backend": "eager"})
+    compiled = pipe.unet._compiled_call_impl
+    with pytest.raises(ValueError, match="inductr"):
+        diffopt.optimize(pipe, compile={"backend": "inductr"})
+    assert pipe.unet._compiled_call_impl is compiled  # not taken off and compiled again
 
 
 def test_second_call_reconciles_instead_of_stacking(pipe):

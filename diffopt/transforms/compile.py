@@ -437,6 +437,21 @@ def check_inductor_options(options: Mapping) -> None:
                          "lists the valid ones")  # fmt: skip
 
 
+def check_backend(backend: Any) -> None:
+    """Name an unknown backend here, before anything changes: torch.compile raises only when it is applied, after
+    the previous optimization was taken off (a compiled model then compiles again)."""
+    if not isinstance(backend, str):
+        return  # a compiler function (config checked the type)
+    from torch._dynamo.backends.registry import list_backends, lookup_backend
+    from torch._dynamo.exc import InvalidBackend
+
+    try:
+        lookup_backend(backend)
+    except InvalidBackend:
+        valid = list_backends(exclude_tags=())
+        raise ValueError(f"compile['backend'] must be one of {valid} or a compiler function, got {backend!r}") from None
+
+
 def options_for(component: Component, ctx, report=None, per_block: Optional[str] = None) -> Optional[Dict[str, Any]]:
     """The torch.compile options for ``component``, or None (with the reason in ``report``) when it is not
     compiled. ``per_block``: why its blocks are compiled one by one (the first-block cache, ``compile_blocks``), which
@@ -464,6 +479,7 @@ def options_for(component: Component, ctx, report=None, per_block: Optional[str]
     if not isinstance(config.compile, bool):  # a dict of torch.compile options over the defaults
         user = dict(config.compile)
         check_inductor_options(user.get("options") or {})
+        check_backend(user.get("backend"))
         if "mode" not in user and not takes_mode(user):  # the default mode gives way (config.takes_mode)
             options.pop("mode", None)
         options.update(user)
