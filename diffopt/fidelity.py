@@ -48,6 +48,9 @@ def quantization_error(model: torch.nn.Module, inputs: Mapping[str, Any], quanti
         assert diffopt.quantization_error(pipe.unet, inputs, "int8") < 1e-2
     """
     check_choice("quantize", quantize, [c for c in QUANTIZE_CHOICES if c is not None])
+    if not isinstance(model, torch.nn.Module):  # a pipeline: which of its models is for the caller to say
+        raise TypeError("quantization_error takes one model (a torch.nn.Module such as pipe.unet or "
+                        f"pipe.transformer), got {type(model).__name__}")
     if is_compiled(model) or any(layers_of(module) for module in model.modules()):
         raise ValueError("quantization_error measures an eager model: call it before diffopt.optimize or after restore")
     gate = capabilities.quantize(quantize, module_device(model))

@@ -97,6 +97,12 @@ def test_fp8_on_cpu_is_an_error_naming_the_missing_capability_and_touches_nothin
         diffopt.quantization_error(pipe.unet, unet_inputs(pipe.unet), "fp8")
 
 
+def test_quantization_error_of_a_pipeline_names_the_model_it_takes():
+    pipe = sd_pipeline()
+    with pytest.raises(TypeError, match="one model .*pipe.unet.*got StableDiffusionPipeline"):
+        diffopt.quantization_error(pipe, unet_inputs(pipe.unet))
+
+
 # --- which layers ---------------------------------------------------------------------------------------
 
 
