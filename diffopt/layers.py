@@ -6,7 +6,8 @@ Every change is a :class:`Layer` recorded in the changed object's ``_diffopt_lay
 * two pipelines that share a UNet see one record on it, whichever of them optimized it;
 * ``copy.deepcopy`` copies the record with the object, and the copy's layers point at the copy's own weights,
   blocks and schedulers (a layer holds references to parts of its owner, never a closure over them);
-* ``pickle`` carries it too, except a compiled call, which says to ``restore`` first.
+* ``pickle`` carries it too, except a compiled call and an :class:`UnpicklableHook`, which say to ``restore``
+  first.
 
 A layer that replaces a method on an instance (:class:`InstanceHook`) installs *itself* as that attribute (or,
 where dynamo must see one function for many instances, a method bound to the instance that it recognizes, see
@@ -139,6 +140,29 @@ class InstanceHook(Layer):
             "diffopt: %s.%s was replaced after optimize by something diffopt cannot see into; left as it is",
             type(owner).__name__, self.name,
         )
+
+
+class UnpicklableHook(InstanceHook):
+    """An :class:`InstanceHook` that pickle cannot carry (compiled code, or a function dynamo must see as one for
+    many instances): pickling raises a ``TypeError`` that says what and to restore first. ``copy.deepcopy`` copies
+    it with its owner, sharing the attributes named in ``shared`` (those the copy can use as they are)."""
+
+    shared: Tuple[str, ...] = ()
+    #: What cannot be pickled, for the error: "compiled blocks", ...
+    unpicklable = "this change"
+
+    def __reduce_ex__(self, protocol):
+        raise TypeError(f"diffopt: {self.unpicklable} cannot be pickled; call diffopt.restore(pipe) before pickling "
+                        "(and diffopt.optimize(pipe) again after loading)")  # fmt: skip
+
+    def __deepcopy__(self, memo):
+        from copy import deepcopy
+
+        twin = object.__new__(type(self))
+        memo[id(self)] = twin
+        for key, value in vars(self).items():
+            setattr(twin, key, value if key in self.shared else deepcopy(value, memo))
+        return twin
 
 
 def _chain(owner: Any, name: str) -> List[Tuple[Any, str]]:

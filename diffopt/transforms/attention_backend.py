@@ -13,7 +13,6 @@ diffusers has two kinds of attention layers, and a backend has to be selected di
 """
 from __future__ import annotations
 
-import copy
 import functools
 import logging
 from collections import Counter
@@ -26,7 +25,7 @@ from .. import capabilities
 from ..attention_names import DISPATCHER, DISPATCHER_ONLY, FAMILY, KERNELS
 from ..components import module_device, module_dtype
 from ..config import is_inductor
-from ..layers import Applied, InstanceHook, Layer, attach, detach, find, mark, undo_all
+from ..layers import Applied, Layer, UnpicklableHook, attach, detach, find, mark, undo_all
 from ..plan import Step
 from ..report import SKIPPED
 from .attention import FAMILIES, NAME, apply_attention, attention_modules, missing_classes
@@ -53,7 +52,7 @@ def _sdpa_backends(names):
     return [getattr(SDPBackend, n) for n in names]
 
 
-class KernelForward(InstanceHook):
+class KernelForward(UnpicklableHook):
     """An attention layer's ``forward`` run under ``sdpa_kernel(kernels)``; ``prefer``: only moved to the front
     (fallback allowed), else nothing else allowed (a kernel that cannot run raises instead of silently falling
     back). dynamo traces the context manager into the compiled graph; the processor itself is not touched, so
@@ -89,18 +88,10 @@ class KernelForward(InstanceHook):
         with _kernels_context(self.kernels, self.prefer):
             return self.inner(*args, **kwargs)
 
-    def __deepcopy__(self, memo):
-        twin = type(self).__new__(type(self))
-        memo[id(self)] = twin
-        twin.__dict__.update(copy.deepcopy(self.__dict__, memo))
-        return twin
-
-    def __reduce_ex__(self, protocol):
-        raise TypeError(
-            f"diffopt: the attention kernel {'preference' if self.prefer else 'choice'} {list(self.kernels)} set by "
-            f"diffopt.optimize on {type(self.owner).__name__} cannot be pickled; call diffopt.restore(pipe) before pickling (and "
-            "diffopt.optimize(pipe) again after loading)"
-        )
+    @property
+    def unpicklable(self) -> str:  # a bound function of a closure: pickle would drop the kernel silently
+        return (f"the attention kernel {'preference' if self.prefer else 'choice'} {list(self.kernels)} set by "
+                f"diffopt.optimize on {type(self.owner).__name__}")
 
 
 def _kernels_context(kernels: Tuple[str, ...], prefer: bool):

@@ -21,7 +21,7 @@ from typing import Any, Callable, Dict, List, Optional
 
 import torch
 
-from ..layers import Applied, InstanceHook, layers_of, mark
+from ..layers import Applied, InstanceHook, UnpicklableHook, layers_of, mark
 from ..plan import Step
 from ..report import SKIPPED
 from .compile import (
@@ -97,23 +97,12 @@ def why_blocks_are_hooked(model: torch.nn.Module) -> Optional[str]:
     return None
 
 
-class _NotPickled(InstanceHook):
-    """Compiled code cannot be pickled; ``copy.deepcopy`` copies the hook with its module and shares what it
-    compiled (the compiled function takes the block as an argument, so it serves the copy's blocks too)."""
+class _NotPickled(UnpicklableHook):
+    """Compiled code cannot be pickled; a deep copy shares what it compiled (the compiled function takes the block as
+    an argument, so it serves the copy's blocks too)."""
 
     shared = ("compiled", "cache")
-
-    def __reduce_ex__(self, protocol):
-        raise TypeError("diffopt: compiled blocks cannot be pickled; call diffopt.restore(pipe) before pickling")
-
-    def __deepcopy__(self, memo):
-        from copy import deepcopy
-
-        twin = object.__new__(type(self))
-        memo[id(self)] = twin
-        for key, value in vars(self).items():
-            setattr(twin, key, value if key in self.shared else deepcopy(value, memo))
-        return twin
+    unpicklable = "compiled blocks"
 
 
 class _Uncompiled:
@@ -159,7 +148,7 @@ class _BlocksCompiled(_NotPickled):
         super().__init__(owner, "forward")
         self.label, self.count, self.cache, self.calls = name, count, cache, 0
         self.uncompiled, self.warned = uncompiled or _Uncompiled(), False
-        self.dynamic_batch, self.shapes = dynamic_batch, InputShapes()
+        self.shapes = InputShapes(name, BLOCKS_FIRST_CALL, dynamic_batch)
 
     def around(self, *args, **kwargs):
         why = offloaded_inside(self.owner, self.label)
@@ -169,7 +158,7 @@ class _BlocksCompiled(_NotPickled):
             logger.warning("diffopt: %s; running its blocks uncompiled", why)
         first = self.calls == 0
         self.calls += 1
-        self.shapes.notice(self.label, args, kwargs, BLOCKS_FIRST_CALL, self.dynamic_batch)
+        self.shapes.notice(args, kwargs)
         if first:
             compiling_notice(f"the {self.count} blocks of {self.label}, one graph per block class", self.cache,
                              BLOCKS_FIRST_CALL)  # fmt: skip
