@@ -220,7 +220,7 @@ class CompiledCall(Layer):
         self.compiled = torch.compile(own_entry(module), **self.options)
         self.offloaded = None  # compiled lazily, the first time an offload hook is found
         self.replaced = None  # the compiled call this one stands in for (apply_compile), put back by undo
-        self.calls, self.warned, self.shapes = 0, False, InputShapes()
+        self.calls, self.warned, self.shapes = 0, False, InputShapes(name, FIRST_CALL, dynamic_batch)
         self.detail = describe(self.options) + "".join([
             ", dynamic batch" if dynamic_batch else "",
             ", new CUDA-graph step per call" if new_step else "",
@@ -242,7 +242,7 @@ class CompiledCall(Layer):
         hook = getattr(module, "_hf_hook", None)
         first = self.calls == 0
         self.calls += 1
-        self.shapes.notice(self.name, args, kwargs, FIRST_CALL, self.dynamic_batch)
+        self.shapes.notice(args, kwargs)
         if first:
             compiling_notice(self.name, self.cache, FIRST_CALL)
         graphs, started = graphs_compiled(), time.perf_counter()
@@ -303,14 +303,15 @@ class InputShapes:
     that it may compile again, which takes as long as a first call: a long call is never silent. "May": a graph
     made dynamic by an earlier shape change covers the new one without compiling (dynamo decides that)."""
 
-    def __init__(self):
+    def __init__(self, name: str, expected: str, dynamic_batch: bool = False):
+        self.name, self.expected, self.dynamic_batch = name, expected, dynamic_batch
         self.seen, self.last = set(), None
         # Input shapes (past the batch) whose batch has already changed to a size of 2 or more once: dynamo keeps a
         # graph with a dynamic batch for them from then on (a size change that recompiles makes the size dynamic),
         # so later batch sizes compile nothing new.
         self.batch_dynamic = set()
 
-    def notice(self, name: str, args, kwargs, expected: str, dynamic_batch: bool = False) -> None:
+    def notice(self, args, kwargs) -> None:
         shapes = tuple(tuple(t.shape) for t in _input_tensors(args, kwargs))
         last, self.last = self.last, shapes
         if shapes in self.seen:
@@ -320,7 +321,7 @@ class InputShapes:
             return
         before, now = last[0], shapes[0]
         batch_only = before[1:] == now[1:] and before[:1] != now[:1]
-        if batch_only and dynamic_batch:  # compiled for every batch size already
+        if batch_only and self.dynamic_batch:  # compiled for every batch size already
             return
         if batch_only and now[0] > 1:
             if now[1:] in self.batch_dynamic:
@@ -328,8 +329,8 @@ class InputShapes:
             self.batch_dynamic.add(now[1:])
         change = f"batch {before[0]} -> {now[0]}" if batch_only else f"input {before} -> {now}"
         hint = "; dynamic_batch=True compiles one graph for every batch size" if batch_only else ""
-        logger.warning("diffopt: %s called with new input shapes (%s): it may compile again (%s)%s", name, change,
-                       expected, hint)  # fmt: skip
+        logger.warning("diffopt: %s called with new input shapes (%s): it may compile again (%s)%s", self.name,
+                       change, self.expected, hint)  # fmt: skip
 
 
 def graphs_compiled() -> int:
