@@ -292,7 +292,7 @@ def first_image_rows(run: BenchRun, batch_size: int) -> list[list[str]]:
             rows.append(_failed_row(label, recipe, len(first_image_header(run)), cell))
             continue
         first = _stage_sum(cell, "first_call_s")
-        to_image = None if first is None else (cell.optimize_s or 0.0) + first + _first_decode_extra(cell)
+        to_image = time_to_first_image(cell)
         # IF's upscalers always run at batch 1: the stages that met a new shape are those that count.
         new = [stage for stage in cell.stages if stage.new_shape_first_call_s is not None]
         new_shape_text = "-"
@@ -304,7 +304,7 @@ def first_image_rows(run: BenchRun, batch_size: int) -> list[list[str]]:
                _break_even(cell.break_even_images)]  # fmt: skip
         if warm:
             warm_first = _stage_sum(cell, "warm_first_call_s")
-            warm_to_image = warm_first + cell.warm_optimize_s if warm_first is not None and cell.warm_optimize_s is not None else None
+            warm_to_image = time_to_first_image(cell, warm=True)
             if cell.warm_error:
                 row += ["-", "-", cell.warm_error, "-"]
             else:
@@ -478,7 +478,8 @@ def time_to_first_image(cell: CellResult, warm: bool = False) -> Optional[float]
     """optimize + the stages' first calls (cold, or of the --warm-start process); None when not measured. Cold, it
     adds what the first call to PIL images took beyond a steady one (:func:`_first_decode_extra`): the first calls
     return latents, and a recipe that compiles the VAE decoder pays for that compile only when it first decodes."""
-    optimize = cell.warm_optimize_s if warm else cell.optimize_s
+    # A cold cell without an optimize time (results from before it was recorded) counts it as 0, as break-even does.
+    optimize = cell.warm_optimize_s if warm else (cell.optimize_s or 0.0)
     first = _stage_sum(cell, "warm_first_call_s" if warm else "first_call_s") if cell.stages else None
     if optimize is None or first is None:
         return None
