@@ -104,8 +104,17 @@ def _attention_kernels(names):
     }
 
 
-@pytest.mark.parametrize("backend", ["flash", "cudnn", "efficient", "math"])
-def test_requested_sdpa_kernel_is_the_one_launched(backend):
+# Compiled: the kernel choice is traced into the graph (each layer's forward runs under sdpa_kernel); CUDA graphs off
+# so that the profiler names every kernel of the call.
+COMPILED = {"options": {"triton.cudagraphs": False}}
+
+
+@pytest.mark.parametrize("backend, compile", [
+    ("flash", False), ("cudnn", False), ("efficient", False), ("math", False),
+    pytest.param("flash", COMPILED, marks=pytest.mark.compile, id="flash-compiled"),
+    pytest.param("cudnn", COMPILED, marks=pytest.mark.compile, id="cudnn-compiled"),
+])  # fmt: skip
+def test_requested_sdpa_kernel_is_the_one_launched(backend, compile):
     # One head of 64 and 128 channels: a head size every fused kernel takes (the default tiny UNet's is 4).
     unet = tiny_unet(block_out_channels=(64, 128), attention_head_dim=1).to("cuda", torch.float16)
     gate = capabilities.attention_backend(backend, torch.device("cuda"), torch.float16)
@@ -114,36 +123,15 @@ def test_requested_sdpa_kernel_is_the_one_launched(backend):
     inputs = {k: v.to("cuda", torch.float16) for k, v in unet_inputs(unet, 2).items()}
     with torch.no_grad():
         reference = unet(**inputs).sample.float()
-    diffopt.optimize(unet, attention=backend, compile=False)
-    with torch.no_grad(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        out = unet(**inputs).sample.float()
-        torch.cuda.synchronize()
-    launched = {k: v for k, v in _attention_kernels([e.key.lower() for e in prof.key_averages()]).items() if v}
-    assert list(launched) == ([] if backend == "math" else [backend]), launched
-    assert rel_l2(out, reference) < FP16_BOUND
-    diffopt.restore(unet)
-
-
-@pytest.mark.compile
-@pytest.mark.parametrize("backend", ["flash", "cudnn"])
-def test_requested_sdpa_kernel_is_the_one_the_compiled_model_launches(backend):
-    # The kernel choice is traced into the compiled graph (each layer's forward runs under sdpa_kernel); CUDA graphs
-    # off so that the profiler names every kernel of the call.
-    unet = tiny_unet(block_out_channels=(64, 128), attention_head_dim=1).to("cuda", torch.float16)
-    gate = capabilities.attention_backend(backend, torch.device("cuda"), torch.float16)
-    if not gate.ok:
-        pytest.skip(gate.reason)
-    inputs = {k: v.to("cuda", torch.float16) for k, v in unet_inputs(unet, 2).items()}
+    diffopt.optimize(unet, attention=backend, compile=compile)
     with torch.no_grad():
-        reference = unet(**inputs).sample.float()
-    diffopt.optimize(unet, attention=backend, compile={"options": {"triton.cudagraphs": False}})
-    with torch.no_grad():
-        unet(**inputs)  # compiles
+        if compile:
+            unet(**inputs)  # compiles
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
             out = unet(**inputs).sample.float()
             torch.cuda.synchronize()
     launched = {k: v for k, v in _attention_kernels([e.key.lower() for e in prof.key_averages()]).items() if v}
-    assert list(launched) == [backend], launched
+    assert list(launched) == ([] if backend == "math" else [backend]), launched
     assert rel_l2(out, reference) < FP16_BOUND
     diffopt.restore(unet)
 
