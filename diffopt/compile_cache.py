@@ -266,6 +266,10 @@ class Entry:
         self.directory, self.key, self.device = directory, key, device
         self.loaded = load(directory, key, device)
 
+    def reload(self) -> None:
+        """Load the entry again: another process (a background compile) has saved to it since."""
+        self.loaded = load(self.directory, self.key, self.device)
+
     @property
     def detail(self) -> str:
         if self.loaded.status == "missing":

@@ -88,6 +88,16 @@ def own_block_entry(model: torch.nn.Module, cls: type) -> Callable:
     return entries[key]
 
 
+def name_entry(module: torch.nn.Module, name: str) -> Callable:
+    """Give ``module`` an entry (see :func:`own_entry`) whose code object is named ``name`` exactly: a background
+    compile's child uses the parent's name, so that dynamo's per-code-object choices (a dynamic batch dimension,
+    kept from one process to the next) are the same in both processes."""
+    entry = own_entry(module)
+    code = entry.__code__.replace(co_name=name)
+    _ENTRIES[module]["_call_impl"] = types.FunctionType(code, entry.__globals__, name, None, entry.__closure__)
+    return _ENTRIES[module]["_call_impl"]
+
+
 def renamed(function: Callable, name: str) -> Callable:
     """A copy of ``function`` with a code object of its own, named ``name`` and a serial number (dynamo keeps its
     graphs and its recompile count per code object)."""
@@ -213,10 +223,15 @@ class CompiledCall(Layer):
 
     transform = NAME
 
-    def __init__(self, module, name: str, options, new_step=False, dynamic_batch=False, scalars_to=None, cache=None):
+    def __init__(self, module, name: str, options, new_step=False, dynamic_batch=False, scalars_to=None, cache=None,
+                 background=None):  # fmt: skip
         self.module, self.name, self.options = module, name, dict(options)
         self.new_step, self.dynamic_batch, self.scalars_to = new_step, dynamic_batch, scalars_to
         self.cache = cache  # a compile_cache.Entry, or None
+        # A background.BackgroundCompile, or None: which calls run uncompiled while another process compiles.
+        self.background = background
+        if background is not None:
+            background.on_compiled = self._compiled_elsewhere
         self.compiled = torch.compile(own_entry(module), **self.options)
         self.offloaded = None  # compiled lazily, the first time an offload hook is found
         self.replaced = None  # the compiled call this one stands in for (apply_compile), put back by undo
@@ -225,6 +240,7 @@ class CompiledCall(Layer):
             ", dynamic batch" if dynamic_batch else "",
             ", new CUDA-graph step per call" if new_step else "",
             f", CPU timesteps made on {scalars_to}" if scalars_to is not None else "",
+            f", {background.detail}" if background is not None else "",
             f"; {cache.detail}" if cache is not None else "",
         ])  # fmt: skip
 
@@ -240,9 +256,12 @@ class CompiledCall(Layer):
         if self.dynamic_batch:
             mark_batch_dynamic(args, kwargs)
         hook = getattr(module, "_hf_hook", None)
+        if self.background is not None and hook is None and self.background.runs_eagerly(args, kwargs):
+            return module._call_impl(*args, **kwargs)
         first = self.calls == 0
         self.calls += 1
-        self.shapes.notice(args, kwargs)
+        if self.background is None:  # a background compile announces new shapes itself
+            self.shapes.notice(args, kwargs)
         if first:
             compiling_notice(self.name, self.cache, FIRST_CALL)
         graphs, started = graphs_compiled(), time.perf_counter()
@@ -270,7 +289,14 @@ class CompiledCall(Layer):
             output = self.offloaded(module, *args, **kwargs)
         return hook.post_forward(module, output)
 
+    def _compiled_elsewhere(self) -> None:
+        """A background compile finished: load what it saved, so that the next compiled call finds it."""
+        if self.cache is not None:
+            self.cache.reload()
+
     def undo(self, owner) -> None:
+        if self.background is not None:
+            self.background.stop()
         if vars(owner).get(_ATTR) is self:
             if self.replaced is None:
                 vars(owner).pop(_ATTR)
@@ -283,6 +309,8 @@ class CompiledCall(Layer):
         module = deepcopy(self.module, memo)  # memo: the copy of the module being copied
         twin = CompiledCall(module, self.name, self.options, self.new_step, self.dynamic_batch, self.scalars_to,
                             self.cache)  # fmt: skip
+        if self.background is not None:
+            twin.background = self.background.copy_for(module, twin.cache, twin._compiled_elsewhere)
         twin.order = self.order  # the copy's undo runs in the same order as the original's
         # torch's Module.__getstate__ leaves _compiled_call_impl out of a copy (torch >= 2.5), so the copy reaches
         # this layer only through its record; install it where the original has it, or the copy runs uncompiled.
@@ -398,10 +426,13 @@ class raised_recompile_limit:
         return False
 
 
-def apply_compile(module, options, new_step=False, dynamic_batch=False, scalars_to=None, name=None, cache=None):
-    """Compile ``module`` in place with ``options`` (a :class:`CompiledCall` attached to it)."""
+def apply_compile(module, options, new_step=False, dynamic_batch=False, scalars_to=None, name=None, cache=None,
+                  background=None):  # fmt: skip
+    """Compile ``module`` in place with ``options`` (a :class:`CompiledCall` attached to it). ``background``: a
+    background.BackgroundCompile that runs the first calls uncompiled while another process compiles."""
     since = mark()
-    call = CompiledCall(module, name or type(module).__name__, options, new_step, dynamic_batch, scalars_to, cache)
+    call = CompiledCall(module, name or type(module).__name__, options, new_step, dynamic_batch, scalars_to, cache,
+                        background)  # fmt: skip
     call.replaced = vars(module).get(_ATTR)  # a compiled call that was there before: undo puts it back
     setattr(module, _ATTR, call)
     return Applied(attach(module, call).detail, since, module)
@@ -524,10 +555,43 @@ def plan(ctx) -> List[Step]:
         on_cpu = ctx.timesteps_on_cpu and component.role in (DENOISER, CONTROLNET)
         scalars_to = execution_device(component.module) if on_cpu else None
 
+        if ctx.config.background_compile:
+            check_background(component, options)
+
         def apply(component=component, options=options, new_step=new_step, scalars_to=scalars_to):
             cache = ctx.compile_cache(component, options)
+            background = background_for(component, options, new_step, ctx, cache)
             return apply_compile(component.module, options, new_step, ctx.config.dynamic_batch, scalars_to,
-                                 component.name, cache)  # fmt: skip
+                                 component.name, cache, background)  # fmt: skip
 
         steps.append(Step(component.name, NAME, apply))
     return steps
+
+
+def check_background(component: Component, options: Dict[str, Any]) -> None:
+    """Raise where ``background_compile=True`` (always named: it is off by default) cannot run for ``component``."""
+    from .background import why_not_rebuildable
+
+    module = component.module
+    reason = why_not_rebuildable(module)
+    if reason is None and not isinstance(options.get("backend", "inductor"), str):
+        reason = "its compile backend is a function, which another process cannot be given"
+    if reason is None and getattr(module, "_hf_hook", None) is not None:
+        reason = "it has a CPU offload hook, under which its compiled forward runs in this process"
+    if reason:
+        raise capabilities.UnsupportedFeatureError(f"background_compile for {component.name}: {reason}; pass "
+                                                   "background_compile=False")  # fmt: skip
+
+
+def background_for(component: Component, options: Dict[str, Any], new_step: bool, ctx, cache):
+    """The BackgroundCompile for ``component``, or None where its first call is quick anyway: a saved compile was
+    loaded for it (the report's cache line says so)."""
+    config = ctx.config
+    if not config.background_compile or (cache is not None and cache.loaded.status == "loaded"):
+        return None
+    from .background import MODEL_OPTIONS, BackgroundCompile
+
+    module = component.module
+    return BackgroundCompile(module, component.name, options, dynamic_batch=config.dynamic_batch, new_step=new_step,
+                             model_options={name: getattr(config, name) for name in MODEL_OPTIONS},
+                             entry_name=own_entry(module).__code__.co_name, cache=cache)  # fmt: skip

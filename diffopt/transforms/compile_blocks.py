@@ -231,6 +231,9 @@ def plan(ctx) -> List[Step]:
     chosen = "compile_blocks" if setting else "compile_blocks, the default for transformers"
     options = options_for(denoiser, ctx, ctx.report, per_block=chosen)
     ctx.block_compiled.add(denoiser.name)
+    if ctx.config.background_compile:
+        ctx.report.add(denoiser.name, "background_compile", SKIPPED, "its blocks compile in seconds, in this process "
+                       "(background_compile is for models compiled whole)")  # fmt: skip
     dynamic = ctx.config.dynamic_batch
     purpose = "one graph per block class" + ("" if setting else " (compile_blocks=False compiles it whole)")
 

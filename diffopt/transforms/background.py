@@ -1,0 +1,383 @@
+"""Compile in another process while the model runs uncompiled here (``background_compile=True``).
+
+A whole UNet's first compiled call takes a minute or more (SD1.5 on an H200: 41-75 s, most of it inductor's code
+generation), and without this the user waits that long for the first image. Here the calls run the model's eager
+forward at once, while a child process builds the same model from its config (with weights of no value: compiled
+code does not depend on weight values), applies the same diffopt changes, and compiles it with the same options for
+the same input shapes. What it compiles lands in the caches this process reads (diffopt's compile cache entry, and
+torch's own on-disk caches), so the first call after the child is done compiles here from those caches, in
+seconds, and every call after that runs compiled. A call with new input shapes runs uncompiled too while a child
+compiles every shape seen so far, in the order they came, so that dynamo here and there make the same choices
+(the second batch size of a model makes its batch dimension dynamic).
+
+The child must produce the very graphs this process will trace, or the compile here finds nothing cached and takes
+its full time (correct, only slow). So it checks what it built against a description of this model taken at the
+first call (parameter and buffer names, shapes, dtypes and strides; attention processors; replaced forwards) and
+stops with the first difference, and it runs with this process's inductor and dynamo settings. A child that fails
+costs a warning, and the model compiles here as it would have without this option.
+
+The child is ``python -m diffopt.transforms.background SPEC``; it lowers its CPU priority so the uncompiled calls
+here keep their core.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import logging
+import os
+import pathlib
+import pickle
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import weakref
+from typing import Any, Callable, Dict, List, Optional, Set, Tuple
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+#: The optimize options that change the model itself, which the child applies again to its copy.
+MODEL_OPTIONS = ("attention", "memory_format", "fuse_projections")
+#: How long the first image takes without this option, as the notices say it.
+FOREGROUND = "a minute or more for a full-size model"
+
+
+class Undescribable(ValueError):
+    """A call input that cannot be described to another process (an object other than tensors and plain values)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorSpec:
+    """A tensor input as compiled code sees it: everything but its values."""
+
+    shape: Tuple[int, ...]
+    stride: Tuple[int, ...]
+    dtype: str
+    device: str
+    requires_grad: bool
+
+    def make(self) -> torch.Tensor:
+        dtype = getattr(torch, self.dtype.replace("torch.", ""))
+        tensor = torch.empty_strided(self.shape, self.stride, dtype=dtype, device=self.device).zero_()
+        return tensor.requires_grad_(self.requires_grad)
+
+
+def describe_value(value: Any) -> Any:
+    """``value`` with every tensor replaced by its :class:`TensorSpec`; plain values kept. Hashable."""
+    if isinstance(value, torch.Tensor):
+        return TensorSpec(tuple(value.shape), tuple(value.stride()), str(value.dtype), str(value.device), value.requires_grad)
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (list, tuple)):
+        return (type(value).__name__, tuple(describe_value(v) for v in value))
+    if isinstance(value, dict):
+        return ("dict", tuple((k, describe_value(v)) for k, v in value.items()))
+    raise Undescribable(f"a {type(value).__module__}.{type(value).__qualname__}")
+
+
+def make_value(described: Any) -> Any:
+    """The inverse of :func:`describe_value`, with zeros for every tensor."""
+    if isinstance(described, TensorSpec):
+        return described.make()
+    if isinstance(described, tuple):
+        kind, items = described
+        if kind == "dict":
+            return {k: make_value(v) for k, v in items}
+        return (list if kind == "list" else tuple)(make_value(v) for v in items)
+    return described
+
+
+def describe_call(args, kwargs) -> Tuple:
+    """One call's inputs and the grad mode it runs under: what selects a compiled graph."""
+    if torch.is_autocast_enabled():
+        raise Undescribable("autocast is on")
+    modes = (torch.is_grad_enabled(), torch.is_inference_mode_enabled())
+    return (modes, describe_value(tuple(args)), describe_value(dict(kwargs)))
+
+
+def make_call(signature: Tuple) -> Tuple[Tuple[bool, bool], tuple, dict]:
+    modes, args, kwargs = signature
+    return modes, make_value(args), make_value(kwargs)
+
+
+def structure(module: torch.nn.Module) -> List[tuple]:
+    """What the child's copy must match for its graphs to be this model's: every parameter and buffer (name, shape,
+    dtype, strides, requires_grad), every attention processor's class, and every forward replaced on an instance."""
+    found: List[tuple] = []
+    for name, tensor in list(module.named_parameters()) + list(module.named_buffers()):
+        found.append(("tensor", name, tuple(tensor.shape), str(tensor.dtype), tuple(tensor.stride()), tensor.requires_grad))
+    for name, sub in module.named_modules():
+        processor = getattr(sub, "processor", None)
+        if processor is not None:
+            found.append(("processor", name, f"{type(processor).__module__}.{type(processor).__qualname__}"))
+        forward = vars(sub).get("forward")
+        if forward is not None:
+            function = getattr(forward, "__func__", forward)
+            found.append(("forward", name, getattr(function, "__qualname__", type(function).__qualname__)))
+    return found
+
+
+def first_difference(theirs: List[tuple], ours: List[tuple]) -> Optional[str]:
+    """The first entry of ``ours`` (the original model) that the copy lacks or has otherwise, or None."""
+    copy = {entry[:2]: entry for entry in theirs}
+    for entry in ours:
+        other = copy.pop(entry[:2], None)
+        if other != entry:
+            return f"{entry[0]} {entry[1]!r}: the model has {entry[2:]}, the copy {other[2:] if other else 'nothing'}"
+    if copy:
+        entry = next(iter(copy.values()))
+        return f"{entry[0]} {entry[1]!r}: the copy has {entry[2:]}, the model nothing"
+    return None
+
+
+def why_not_rebuildable(module: torch.nn.Module) -> Optional[str]:
+    """Why another process cannot build ``module`` from its config, or None."""
+    cls = type(module)
+    if not callable(getattr(cls, "from_config", None)) or getattr(module, "config", None) is None:
+        return f"{cls.__qualname__} is not a diffusers model that can be built from its config"
+    if cls.__module__ == "__main__" or "<locals>" in cls.__qualname__:
+        return f"{cls.__qualname__} is defined in {cls.__module__}, which another process cannot import"
+    return None
+
+
+def _settings() -> Dict[str, Dict[str, Any]]:
+    """This process's inductor and dynamo settings that pickle can carry: they are part of what a cached graph is
+    looked up by (the diffusers docs' compile recipe, for one, sets inductor options)."""
+    import torch._dynamo.config
+    import torch._inductor.config
+
+    found = {}
+    for name, config in (("inductor", torch._inductor.config), ("dynamo", torch._dynamo.config)):
+        values = {}
+        for key, value in config.save_config_portable().items():
+            try:
+                pickle.dumps(value)
+            except Exception:  # noqa: BLE001 - a callable pass or a lock: not a lookup key
+                continue
+            values[key] = value
+        found[name] = values
+    return found
+
+
+class Child:
+    """One running child process and what it compiles."""
+
+    def __init__(self, spec: Dict[str, Any], signatures: List[Tuple]):
+        self.signatures = list(signatures)
+        self.directory = pathlib.Path(tempfile.mkdtemp(prefix="diffopt-compile-"))
+        (self.directory / "spec.pkl").write_bytes(pickle.dumps({**spec, "signatures": self.signatures}))
+        self.log_path = self.directory / "log.txt"
+        package_root = str(pathlib.Path(__file__).resolve().parents[2])
+        # The child must import this diffopt (a notebook may have put it on sys.path by hand) and the model's package.
+        path = os.pathsep.join(dict.fromkeys([package_root] + [p for p in sys.path if p] +
+                                             os.environ.get("PYTHONPATH", "").split(os.pathsep)))  # fmt: skip
+        env = dict(os.environ, PYTHONPATH=path)
+        self.started = time.perf_counter()
+        with open(self.log_path, "wb") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "diffopt.transforms.background", str(self.directory / "spec.pkl")],
+                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+            )  # fmt: skip
+        self._finalizer = weakref.finalize(self, _stop_process, self.process, self.directory)
+
+    def finished(self) -> Optional[int]:
+        return self.process.poll()
+
+    def log_tail(self, lines: int = 8) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace").strip().splitlines()
+        except OSError:
+            return "(no log)"
+        return " | ".join(text[-lines:])
+
+    def stop(self) -> None:
+        self._finalizer()
+
+
+def _stop_process(process: subprocess.Popen, directory: pathlib.Path) -> None:
+    if process.poll() is None:
+        process.kill()
+        process.wait()
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+class BackgroundCompile:
+    """For a :class:`~diffopt.transforms.compile.CompiledCall`: which calls run uncompiled while a child compiles.
+
+    ``runs_eagerly(args, kwargs)`` answers for each call: True while the child has not compiled the call's inputs
+    yet (it starts one if none runs), False once it has (``on_compiled`` has then been called, so that the compiled
+    call loads what the child saved) or when this has given up (the reason logged; the model compiles here)."""
+
+    def __init__(self, module: torch.nn.Module, name: str, options: Dict[str, Any], *, dynamic_batch: bool,
+                 new_step: bool, model_options: Dict[str, Any], entry_name: str, cache=None,
+                 on_compiled: Optional[Callable[[], None]] = None):  # fmt: skip
+        self.module, self.name, self.options = module, name, dict(options)
+        self.dynamic_batch, self.new_step, self.model_options = dynamic_batch, new_step, dict(model_options)
+        self.entry_name, self.cache, self.on_compiled = entry_name, cache, on_compiled
+        self.seen: List[Tuple] = []  # every call signature, in the order it first came
+        self.compiled: Set[Tuple] = set()  # signatures a child compiled: this process compiles them from the caches
+        self.child: Optional[Child] = None
+        self.given_up: Optional[str] = None
+
+    @property
+    def detail(self) -> str:
+        return "compiled in a background process while the first calls run uncompiled"
+
+    def runs_eagerly(self, args, kwargs) -> bool:
+        if self.given_up:
+            return False
+        try:
+            signature = describe_call(args, kwargs)
+        except Undescribable as why:
+            self.give_up(f"a call input cannot be described to another process ({why})")
+            return False
+        self._collect()
+        if signature in self.compiled or self.given_up:
+            return False
+        if signature not in self.seen:
+            self.seen.append(signature)
+            what = "" if len(self.seen) == 1 else " for new input shapes"
+            logger.warning("diffopt: compiling %s%s in a background process (%s); running it uncompiled until then",
+                           self.name, what, FOREGROUND)  # fmt: skip
+        if self.child is None:
+            self._start()
+        return True
+
+    def _spec(self) -> Dict[str, Any]:
+        from ..components import execution_device
+
+        module, cls = self.module, type(self.module)
+        return dict(
+            model=(cls.__module__, cls.__qualname__), config=dict(module.config), device=str(execution_device(module)),
+            structure=structure(module), model_options=self.model_options, options=self.options, name=self.name,
+            dynamic_batch=self.dynamic_batch, new_step=self.new_step, entry_name=self.entry_name,
+            cache=(str(self.cache.directory), self.cache.key) if self.cache is not None else None,
+            settings=_settings(),
+        )  # fmt: skip
+
+    def _start(self) -> None:
+        try:
+            self.child = Child(self._spec(), self.seen)
+        except Exception as error:  # noqa: BLE001 - no child: compile here, as without the option
+            self.give_up(f"the background process did not start ({type(error).__name__}: {error})")
+
+    def _collect(self) -> None:
+        """Take in a child that has finished; start the next one where calls came with shapes it did not compile."""
+        child = self.child
+        if child is None or child.finished() is None:
+            return
+        self.child = None
+        code, seconds = child.process.returncode, time.perf_counter() - child.started
+        if code != 0:
+            tail = child.log_tail()
+            child.stop()
+            self.give_up(f"the background compile failed (exit code {code}): {tail}")
+            return
+        child.stop()
+        self.compiled.update(child.signatures)
+        logger.warning("diffopt: %s compiled in a background process in %.1f s; loading it here (seconds)", self.name,
+                       seconds)  # fmt: skip
+        if self.on_compiled is not None:
+            self.on_compiled()
+        if any(signature not in self.compiled for signature in self.seen):
+            self._start()
+
+    def give_up(self, reason: str) -> None:
+        self.given_up = reason
+        logger.warning("diffopt: %s: %s; compiling it in this process instead (%s)", self.name, reason, FOREGROUND)
+        self.stop()
+
+    def stop(self) -> None:
+        """End a running child (restore, or a compiled call given up); what it saved so far stays saved."""
+        if self.child is not None:
+            self.child.stop()
+            self.child = None
+
+    def copy_for(self, module: torch.nn.Module, cache, on_compiled) -> "BackgroundCompile":
+        """A fresh one for a copy of the model: the copy's calls start their own child."""
+        return BackgroundCompile(module, self.name, self.options, dynamic_batch=self.dynamic_batch,
+                                 new_step=self.new_step, model_options=self.model_options, entry_name=self.entry_name,
+                                 cache=cache, on_compiled=on_compiled)  # fmt: skip
+
+
+# ---- the child ---------------------------------------------------------------------------------------------------
+
+
+def build_copy(spec: Dict[str, Any]) -> torch.nn.Module:
+    """The model of ``spec`` built from its config on its device, with its parameters' dtypes and requires_grad,
+    and the diffopt changes of ``spec["model_options"]``."""
+    from .. import api
+
+    module_name, qualname = spec["model"]
+    cls = importlib.import_module(module_name)
+    for part in qualname.split("."):
+        cls = getattr(cls, part)
+    with torch.device("meta"):
+        model = cls.from_config(spec["config"])
+    model = model.to_empty(device=spec["device"]).eval()
+    tensors = {entry[1]: entry for entry in spec["structure"] if entry[0] == "tensor"}
+    with torch.no_grad():
+        for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
+            entry = tensors.get(name)
+            if entry is not None:
+                tensor.data = tensor.data.to(getattr(torch, entry[3].replace("torch.", "")))
+            tensor.data.zero_()  # to_empty leaves whatever memory held: no NaNs in the runs that compile
+    for name, tensor in model.named_parameters():
+        entry = tensors.get(name)
+        if entry is not None:
+            tensor.requires_grad_(entry[5])
+    api.optimize(model, compile=False, compile_cache=False, **spec["model_options"])
+    return model
+
+
+def run_child(spec: Dict[str, Any]) -> None:
+    from .. import compile_cache
+    from .compile import apply_compile, name_entry
+
+    import torch._dynamo.config
+    import torch._inductor.config
+
+    torch._inductor.config.load_config(spec["settings"]["inductor"])
+    torch._dynamo.config.load_config(spec["settings"]["dynamo"])
+    started = time.perf_counter()
+    model = build_copy(spec)
+    difference = first_difference(structure(model), spec["structure"])
+    if difference:
+        sys.exit(f"the model built from its config differs from the one to compile: {difference}")
+    print(f"built {spec['name']} in {time.perf_counter() - started:.1f} s", flush=True)
+    cache = None
+    if spec["cache"] is not None:
+        directory, key = spec["cache"]
+        cache = compile_cache.Entry(pathlib.Path(directory), key, spec["device"])
+    name_entry(model, spec["entry_name"])
+    apply_compile(model, spec["options"], spec["new_step"], spec["dynamic_batch"], None, spec["name"], cache)
+    for signature in spec["signatures"]:
+        (grad, inference), args, kwargs = make_call(signature)
+        started = time.perf_counter()
+        with torch.inference_mode(inference), torch.set_grad_enabled(grad):
+            model(*args, **kwargs)
+        if spec["device"].startswith("cuda"):
+            torch.cuda.synchronize()
+        print(f"compiled for {signature[1:]!r:.200} in {time.perf_counter() - started:.1f} s", flush=True)
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        os.nice(5)  # the uncompiled calls in the parent keep their core
+    except (AttributeError, OSError):
+        pass
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    spec = pickle.loads(pathlib.Path(argv[0]).read_bytes())
+    run_child(spec)
+
+
+if __name__ == "__main__":
+    # Run as -m, this file is __main__; the spec's TensorSpecs unpickle as the importable module's class, which
+    # is the one the code must see.
+    from diffopt.transforms.background import main as _main
+
+    _main()

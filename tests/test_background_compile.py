@@ -1,0 +1,220 @@
+"""background_compile=True: calls run uncompiled while a child process compiles the same model, then compile here
+from what the child saved. The children are real processes; tests wait for them instead of sleeping."""
+import copy
+import logging
+
+import pytest
+import torch
+from conftest import rel_l2, run_pipeline, sd3_transformer, sd_pipeline, tiny_unet, unet_inputs
+from test_roundtrip import assert_same, snapshot
+
+import diffopt
+from diffopt.capabilities import UnsupportedFeatureError
+from diffopt.transforms.background import (
+    Undescribable, describe_call, describe_value, first_difference, make_call, structure,
+)
+
+pytestmark = [pytest.mark.compile, pytest.mark.usefixtures("compile_clean")]
+FAST = {"backend": "aot_eager"}  # real dynamo graphs in parent and child, without inductor's code generation
+CHILD_TIMEOUT = 900  # seconds: a child imports torch and diffusers and, with inductor, compiles C++ on the CPU
+
+
+@pytest.fixture(autouse=True)
+def fresh_counters():
+    from torch._dynamo.utils import counters
+
+    counters.clear()  # graphs() counts this test's compiles only
+
+
+def graphs():
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
+
+
+def background_of(module):
+    return vars(module)["_compiled_call_impl"].background
+
+
+def wait_for_child(background):
+    child = background.child
+    assert child is not None, "no child process is running"
+    child.process.wait(timeout=CHILD_TIMEOUT)
+    return child
+
+
+def test_a_call_is_described_by_shapes_strides_dtypes_and_plain_values():
+    sample = torch.randn(2, 4, 8, 8).to(memory_format=torch.channels_last)
+    timestep = torch.tensor(3).expand(2)  # stride 0, as pipelines expand a timestep over the batch
+    kwargs = dict(sample=sample, timestep=timestep, extra={"ids": torch.zeros(2, 6, dtype=torch.long)},
+                  residuals=[torch.ones(2, 3)], return_dict=False, scale=None, steps=4)  # fmt: skip
+    with torch.inference_mode():
+        described = describe_call((), kwargs)
+    (grad, inference), args, made = make_call(described)
+    assert (grad, inference) == (False, True) and args == ()
+    assert made["sample"].stride() == sample.stride() and made["timestep"].stride() == (0,)
+    assert made["extra"]["ids"].dtype == torch.long and isinstance(made["residuals"], list)
+    assert (made["return_dict"], made["scale"], made["steps"]) == (False, None, 4)
+    with torch.inference_mode():
+        assert describe_call((), made) == described  # what the child makes selects the same graph
+    assert describe_value(torch.zeros(2, 3)) != describe_value(torch.zeros(3, 2))
+
+    class Box:  # not a plain value: another process could not make one
+        pass
+
+    with pytest.raises(Undescribable, match="Box"):
+        describe_value({"box": [Box()]})
+
+
+def test_first_difference_names_what_the_copy_lacks_or_has_otherwise():
+    unet = tiny_unet()
+    ours = structure(unet)
+    assert first_difference(structure(tiny_unet()), ours) is None
+    changed = tiny_unet()
+    changed.conv_in.to(memory_format=torch.channels_last)
+    assert "conv_in.weight" in first_difference(structure(changed), ours)
+    from diffusers.models.attention_processor import AttnProcessor
+
+    changed = tiny_unet()
+    name, attention = next((n, m) for n, m in changed.named_modules() if hasattr(m, "processor"))
+    attention.set_processor(AttnProcessor())
+    assert f"processor {name!r}" in first_difference(structure(changed), ours)
+
+
+def test_calls_run_uncompiled_until_the_child_is_done_then_compile_here_from_its_cache(tmp_path, monkeypatch, caplog):
+    from torch._dynamo.utils import counters
+
+    # Empty torch caches, inherited by the child: what the parent finds there, the child put there.
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    pipe = sd_pipeline()
+    eager = run_pipeline(pipe)
+    before = snapshot(pipe)
+    report = diffopt.optimize(pipe, background_compile=True, compile_cache=tmp_path / "saved")
+    assert "background process" in str(report)
+    background = background_of(pipe.unet)
+    caplog.set_level(logging.WARNING, logger="diffopt")
+    uncompiled = run_pipeline(pipe)
+    assert graphs() == 0  # the call ran the eager forward: nothing compiled in this process
+    assert rel_l2(uncompiled, eager) < 1e-5
+    assert "compiling unet in a background process" in caplog.text
+    child = wait_for_child(background)
+    assert child.process.returncode == 0, child.log_tail()
+    assert child.directory.exists()  # the parent takes the child in (and cleans up after it) at its next call
+    hits = dict(counters["inductor"]), dict(counters["aot_autograd"])
+    compiled = run_pipeline(pipe)
+    assert graphs() >= 1 and not child.directory.exists()
+    assert rel_l2(compiled, eager) < 1e-4
+    assert "compiled in a background process" in caplog.text
+    assert "from the saved compile" in caplog.text
+    inductor = {k: v - hits[0].get(k, 0) for k, v in counters["inductor"].items()}
+    aot = {k: v - hits[1].get(k, 0) for k, v in counters["aot_autograd"].items()}
+    assert inductor.get("fxgraph_cache_hit", 0) >= 1 and inductor.get("fxgraph_cache_miss", 0) == 0, inductor
+    assert aot.get("autograd_cache_hit", 0) >= 1 and aot.get("autograd_cache_miss", 0) == 0, aot
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        assert torch.equal(run_pipeline(pipe), compiled)
+    diffopt.restore(pipe, attention="original")
+    assert_same(before, snapshot(pipe))
+    assert torch.equal(run_pipeline(pipe), eager)
+
+
+def test_a_new_shape_runs_uncompiled_while_a_child_compiles_every_shape_in_order(caplog):
+    unet = tiny_unet()
+    diffopt.optimize(unet, background_compile=True, compile=FAST, compile_cache=False)
+    background = background_of(unet)
+    caplog.set_level(logging.WARNING, logger="diffopt")
+    with torch.inference_mode():
+        unet(**unet_inputs(unet, batch=1))
+        first = wait_for_child(background)
+        assert first.process.returncode == 0, first.log_tail()
+        unet(**unet_inputs(unet, batch=1))
+        compiled_one = graphs()
+        assert compiled_one >= 1
+        unet(**unet_inputs(unet, batch=2))  # a new shape: uncompiled, and a child for both shapes
+        assert graphs() == compiled_one
+        assert "compiling UNet2DConditionModel for new input shapes in a background process" in caplog.text
+        second = wait_for_child(background)
+        assert second.process.returncode == 0, second.log_tail()
+        assert [s[2] for s in second.signatures] == [s[2] for s in first.signatures + [background.seen[1]]]
+        eager = unet._call_impl(**unet_inputs(unet, batch=2)).sample
+        output = unet(**unet_inputs(unet, batch=2)).sample
+        assert graphs() > compiled_one  # compiled here now
+        assert rel_l2(output, eager) < 1e-5
+        assert "new input shapes" not in caplog.text.split("compiled in a background process")[-1]
+    diffopt.restore(unet)
+    assert "_compiled_call_impl" not in vars(unet)
+
+
+def test_a_child_that_builds_another_model_costs_a_warning_and_the_model_compiles_here(caplog):
+    from diffusers.models.attention_processor import AttnProcessor
+
+    unet = tiny_unet()
+    diffopt.optimize(unet, background_compile=True, compile=FAST, compile_cache=False)
+    # Changed after optimize, so the child (which applies optimize's changes to a model built from the config)
+    # builds something else: its graphs would not be this model's.
+    name, attention = next((n, m) for n, m in unet.named_modules() if hasattr(m, "processor"))
+    attention.processor = AttnProcessor()
+    background = background_of(unet)
+    caplog.set_level(logging.WARNING, logger="diffopt")
+    with torch.inference_mode():
+        eager = unet._call_impl(**unet_inputs(unet)).sample
+        unet(**unet_inputs(unet))
+        child = wait_for_child(background)
+        assert child.process.returncode != 0
+        output = unet(**unet_inputs(unet)).sample
+    assert background.given_up and f"processor {name!r}" in background.given_up
+    assert "compiling it in this process instead" in caplog.text
+    assert graphs() >= 1 and rel_l2(output, eager) < 1e-5
+    assert not child.directory.exists()
+
+
+def test_restore_ends_a_running_child_and_leaves_nothing_behind():
+    unet = tiny_unet()
+    before = snapshot(unet)
+    with torch.inference_mode():
+        eager = unet(**unet_inputs(unet)).sample
+    diffopt.optimize(unet, background_compile=True, compile=FAST, compile_cache=False)
+    background = background_of(unet)
+    with torch.inference_mode():
+        unet(**unet_inputs(unet))
+    child = background.child
+    assert child is not None and child.process.poll() is None  # still importing torch
+    diffopt.restore(unet, attention="original")
+    assert child.process.poll() is not None and not child.directory.exists()
+    assert_same(before, snapshot(unet))
+    with torch.inference_mode():
+        assert torch.equal(unet(**unet_inputs(unet)).sample, eager)
+    assert graphs() == 0
+
+
+def test_a_copy_gets_a_background_compile_of_its_own():
+    unet = tiny_unet()
+    diffopt.optimize(unet, background_compile=True, compile=FAST, compile_cache=False)
+    twin = copy.deepcopy(unet)
+    ours, theirs = background_of(unet), background_of(twin)
+    assert theirs is not ours and theirs.module is twin and theirs.child is None and not theirs.seen
+    diffopt.restore(twin)
+    assert "_compiled_call_impl" not in vars(twin) and background_of(unet) is ours
+
+
+def test_models_another_process_cannot_build_are_refused_before_anything_changes():
+    from diffusers import UNet2DConditionModel
+
+    class LocalUNet(UNet2DConditionModel):  # defined here: another process cannot import it
+        pass
+
+    unet = LocalUNet(**{k: v for k, v in tiny_unet().config.items() if not k.startswith("_")}).eval()
+    before = snapshot(unet)
+    with pytest.raises(UnsupportedFeatureError, match="LocalUNet.*another process cannot import"):
+        diffopt.optimize(unet, background_compile=True, compile=FAST)
+    assert_same(before, snapshot(unet))
+    with pytest.raises(UnsupportedFeatureError, match="backend is a function"):
+        diffopt.optimize(tiny_unet(), background_compile=True, compile={"backend": lambda gm, inputs: gm})
+
+
+def test_transformer_blocks_compile_here_and_say_why():
+    model = sd3_transformer(layers=4)  # blocks that repeat
+    report = diffopt.optimize(model, background_compile=True, compile=FAST, compile_cache=False)
+    (skipped,) = [s for s in report.skipped if s.transform == "background_compile"]
+    assert "blocks compile in seconds" in skipped.detail
+    assert not any(getattr(layer, "background", None) for layer in vars(model).get("_diffopt_layers", ()))
+    diffopt.restore(model)
