@@ -9,6 +9,7 @@ a cold start, and DIFFOPT_CACHE_DIR at a directory an earlier run filled for a w
     python benchmarks/first_image.py eager sd15 1
     python benchmarks/first_image.py diffopt sd15 1,1@768,1       # BATCH@SIZE: a new resolution (SD1.5 and SDXL)
     python benchmarks/first_image.py diffopt sd3-medium 1,4,1     # any pipeline of diffopt bench (bf16 but SD1.5/SDXL)
+    python benchmarks/first_image.py diffopt:background_compile=True sd15 1,4 --for=120   # every call's time, 120 s a shape
 """
 import json
 import sys
@@ -21,9 +22,14 @@ from diffusers import DDIMScheduler, EulerDiscreteScheduler, StableDiffusionPipe
 
 from diffopt.bench.configs import build_model
 
-recipe, model = sys.argv[1], sys.argv[2]
-shapes = [(int(item.split("@")[0]), int(item.split("@")[1]) if "@" in item else None) for item in sys.argv[3].split(",")]
-steps = int(sys.argv[4]) if len(sys.argv) > 4 else (50 if model == "sd15" else 30 if model == "sdxl" else None)
+flags = [a for a in sys.argv[1:] if a.startswith("--for=")]
+argv = [a for a in sys.argv[1:] if not a.startswith("--for=")]
+# --for=SECONDS: call each shape again and again for that long (at least six calls) and keep every call's time, the
+# timeline of a recipe whose speed changes on its own (background_compile: eager calls, then compiled ones).
+keep_calling = float(flags[-1].split("=", 1)[1]) if flags else None
+recipe, model = argv[0], argv[1]
+shapes = [(int(item.split("@")[0]), int(item.split("@")[1]) if "@" in item else None) for item in argv[2].split(",")]
+steps = int(argv[3]) if len(argv) > 3 else (50 if model == "sd15" else 30 if model == "sdxl" else None)
 device, dtype = "cuda", torch.float16 if model in ("sd15", "sdxl") else torch.bfloat16
 start = time.perf_counter()
 stage, size = None, None
@@ -99,9 +105,14 @@ for index, (batch, height) in enumerate(shapes):
     first, latents = call(batch, height)
     if index == 0:
         result["first_compile"] = compile_phases()
-    times = sorted(call(batch, height)[0] for _ in range(5))
+    calls = [first]
+    while len(calls) < 6 or (keep_calling is not None and sum(calls) < keep_calling):
+        calls.append(call(batch, height)[0])
+    times = sorted(calls[-5:])
     result["shapes"].append(dict(batch=batch, height=height or size, first_call_s=round(first, 2),
                                  steady_s=round(times[2], 4), steps_per_s=round(steps / times[2], 2)))
+    if keep_calling is not None:
+        result["shapes"][-1]["calls_s"] = [round(t, 3) for t in calls]
     if index == 0:
         result["latents"] = latents.float().cpu().flatten()[:4096].tolist()
     print("SHAPE", json.dumps(result["shapes"][-1]), flush=True)  # what a run cut short still shows

@@ -170,3 +170,27 @@ def test_transformer_blocks_compile_by_default_and_cuda_graphs_named_compile_it_
     outputs = [run_pipeline(pipe).float() for _ in range(3)]  # warm-up, recording, replays
     assert torch.equal(outputs[1], outputs[2]) and rel_l2(outputs[-1], eager) < FP16_BOUND
     diffopt.restore(pipe)
+
+
+@pytest.mark.compile
+@pytest.mark.parametrize("nets", [0, 1])
+def test_background_compile_replays_eager_cuda_graphs_then_switches_to_the_compiled_model(tmp_path, monkeypatch, nets):
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))  # inherited by the child
+    pipe = sd_pipeline(controlnet=_controlnets(nets) if nets else None).to("cuda", torch.float16)
+    eager = run_pipeline(pipe, steps=3).float()
+    report = diffopt.optimize(pipe, background_compile=True, compile_cache=tmp_path / "saved")
+    assert "CUDA graphs of the eager forward" in str(report)
+    models = [pipe.unet] + ([pipe.controlnet] if nets else [])
+    backgrounds = [vars(m)["_compiled_call_impl"].background for m in models]
+    uncompiled = [run_pipeline(pipe, steps=3).float() for _ in range(2)]
+    assert all(b.eager_graphs.replays >= 5 for b in backgrounds)  # every step after the first call's recording
+    assert torch.equal(uncompiled[0], uncompiled[1]) and rel_l2(uncompiled[1], eager) < 1e-3
+    for background in backgrounds:
+        child = background.child
+        child.process.wait(timeout=600)
+        assert child.process.returncode == 0, child.log_tail()
+    compiled = [run_pipeline(pipe, steps=3).float() for _ in range(3)]  # loads, records the compiled graphs, replays
+    assert all(not b.eager_graphs.recorded and b.compiled for b in backgrounds)
+    assert torch.equal(compiled[1], compiled[2]) and rel_l2(compiled[2], eager) < FP16_BOUND
+    diffopt.restore(pipe)
+    assert torch.equal(run_pipeline(pipe, steps=3).float(), run_pipeline(pipe, steps=3).float())

@@ -204,19 +204,27 @@ def _stop_process(process: subprocess.Popen, directory: pathlib.Path) -> None:
     shutil.rmtree(directory, ignore_errors=True)
 
 
+#: What :meth:`BackgroundCompile.call` returns for a call that runs the compiled code in this process.
+COMPILE = object()
+
+
 class BackgroundCompile:
     """For a :class:`~diffopt.transforms.compile.CompiledCall`: which calls run uncompiled while a child compiles.
 
-    ``runs_eagerly(args, kwargs)`` answers for each call: True while the child has not compiled the call's inputs
-    yet (it starts one if none runs), False once it has (``on_compiled`` has then been called, so that the compiled
-    call loads what the child saved) or when this has given up (the reason logged; the model compiles here)."""
+    ``call(args, kwargs)`` runs a call uncompiled while the child has not compiled its inputs yet (and starts a child
+    if none runs), and returns :data:`COMPILE` once one has (``on_compiled`` has then been called, so that the
+    compiled call loads what the child saved) or when this has given up (the reason logged; the model compiles
+    here). ``cuda_graphs``: the uncompiled calls replay CUDA graphs of the eager forward (eager_graphs.py)."""
 
     def __init__(self, module: torch.nn.Module, name: str, options: Dict[str, Any], *, dynamic_batch: bool,
                  new_step: bool, model_options: Dict[str, Any], entry_name: str, cache=None,
-                 on_compiled: Optional[Callable[[], None]] = None):  # fmt: skip
+                 on_compiled: Optional[Callable[[], None]] = None, cuda_graphs: bool = False):  # fmt: skip
+        from .eager_graphs import EagerGraphs
+
         self.module, self.name, self.options = module, name, dict(options)
         self.dynamic_batch, self.new_step, self.model_options = dynamic_batch, new_step, dict(model_options)
         self.entry_name, self.cache, self.on_compiled = entry_name, cache, on_compiled
+        self.eager_graphs = EagerGraphs(module, name) if cuda_graphs else None
         self.seen: List[Tuple] = []  # every call signature, in the order it first came
         self.compiled: Set[Tuple] = set()  # signatures a child compiled: this process compiles them from the caches
         self.child: Optional[Child] = None
@@ -224,19 +232,20 @@ class BackgroundCompile:
 
     @property
     def detail(self) -> str:
-        return "compiled in a background process while the first calls run uncompiled"
+        graphs = " (as CUDA graphs of the eager forward)" if self.eager_graphs is not None else ""
+        return f"compiled in a background process while the first calls run uncompiled{graphs}"
 
-    def runs_eagerly(self, args, kwargs) -> bool:
+    def call(self, args, kwargs) -> Any:
         if self.given_up:
-            return False
+            return COMPILE
         try:
             signature = describe_call(args, kwargs)
         except Undescribable as why:
             self.give_up(f"a call input cannot be described to another process ({why})")
-            return False
+            return COMPILE
         self._collect()
         if signature in self.compiled or self.given_up:
-            return False
+            return COMPILE
         if signature not in self.seen:
             self.seen.append(signature)
             what = "" if len(self.seen) == 1 else " for new input shapes"
@@ -244,7 +253,9 @@ class BackgroundCompile:
                            self.name, what, FOREGROUND)  # fmt: skip
         if self.child is None:
             self._start()
-        return True
+        if self.eager_graphs is not None:
+            return self.eager_graphs.call(signature, args, kwargs)
+        return self.module._call_impl(*args, **kwargs)
 
     def _spec(self) -> Dict[str, Any]:
         from ..components import execution_device
@@ -278,6 +289,8 @@ class BackgroundCompile:
             return
         child.stop()
         self.compiled.update(child.signatures)
+        if self.eager_graphs is not None:
+            self.eager_graphs.drop(child.signatures)
         logger.warning("diffopt: %s compiled in a background process in %.1f s; loading it here (seconds)", self.name,
                        seconds)  # fmt: skip
         if self.on_compiled is not None:
@@ -300,7 +313,7 @@ class BackgroundCompile:
         """A fresh one for a copy of the model: the copy's calls start their own child."""
         return BackgroundCompile(module, self.name, self.options, dynamic_batch=self.dynamic_batch,
                                  new_step=self.new_step, model_options=self.model_options, entry_name=self.entry_name,
-                                 cache=cache, on_compiled=on_compiled)  # fmt: skip
+                                 cache=cache, on_compiled=on_compiled, cuda_graphs=self.eager_graphs is not None)  # fmt: skip
 
 
 # ---- the child ---------------------------------------------------------------------------------------------------

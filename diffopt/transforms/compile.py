@@ -23,6 +23,7 @@ from ..layers import ATTR as LAYERS
 from ..layers import Applied, Layer, attach, mark
 from ..report import SKIPPED
 from ..plan import Step
+from .background import COMPILE, MODEL_OPTIONS, BackgroundCompile, why_not_rebuildable
 from .timesteps import scalars_to_device
 
 logger = logging.getLogger(__name__)
@@ -256,8 +257,10 @@ class CompiledCall(Layer):
         if self.dynamic_batch:
             mark_batch_dynamic(args, kwargs)
         hook = getattr(module, "_hf_hook", None)
-        if self.background is not None and hook is None and self.background.runs_eagerly(args, kwargs):
-            return module._call_impl(*args, **kwargs)
+        if self.background is not None and hook is None:
+            output = self.background.call(args, kwargs)
+            if output is not COMPILE:
+                return output
         first = self.calls == 0
         self.calls += 1
         if self.background is None:  # a background compile announces new shapes itself
@@ -570,8 +573,6 @@ def plan(ctx) -> List[Step]:
 
 def check_background(component: Component, options: Dict[str, Any]) -> None:
     """Raise where ``background_compile=True`` (always named: it is off by default) cannot run for ``component``."""
-    from .background import why_not_rebuildable
-
     module = component.module
     reason = why_not_rebuildable(module)
     if reason is None and not isinstance(options.get("backend", "inductor"), str):
@@ -589,9 +590,11 @@ def background_for(component: Component, options: Dict[str, Any], new_step: bool
     config = ctx.config
     if not config.background_compile or (cache is not None and cache.loaded.status == "loaded"):
         return None
-    from .background import MODEL_OPTIONS, BackgroundCompile
-
     module = component.module
-    return BackgroundCompile(module, component.name, options, dynamic_batch=config.dynamic_batch, new_step=new_step,
-                             model_options={name: getattr(config, name) for name in MODEL_OPTIONS},
-                             entry_name=own_entry(module).__code__.co_name, cache=cache)  # fmt: skip
+    # The uncompiled calls replay CUDA graphs of the eager forward where the compiled ones will replay CUDA graphs.
+    eager_graphs = execution_device(module).type == "cuda" and uses_cuda_graphs(options)
+    return BackgroundCompile(
+        module, component.name, options, dynamic_batch=config.dynamic_batch, new_step=new_step,
+        model_options={name: getattr(config, name) for name in MODEL_OPTIONS},
+        entry_name=own_entry(module).__code__.co_name, cache=cache, cuda_graphs=eager_graphs,
+    )
