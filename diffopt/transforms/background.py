@@ -16,13 +16,12 @@ first call (parameter and buffer names, shapes, dtypes and strides; attention pr
 stops with the first difference, and it runs with this process's inductor and dynamo settings. A child that fails
 costs a warning, and the model compiles here as it would have without this option.
 
-The child is ``python -m diffopt.transforms.background SPEC``; it lowers its CPU priority so the uncompiled calls
-here keep their core.
+The child is ``python -m diffopt.transforms.background_child SPEC`` (background_child.py); it lowers its CPU
+priority so the uncompiled calls here keep their core.
 """
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import logging
 import os
 import pathlib
@@ -92,7 +91,7 @@ def make_value(described: Any) -> Any:
 
 def describe_call(args, kwargs) -> Tuple:
     """One call's inputs and the grad mode it runs under: what selects a compiled graph."""
-    if torch.is_autocast_enabled():
+    if any(torch.is_autocast_enabled(device) for device in ("cuda", "cpu")):
         raise Undescribable("autocast is on")
     modes = (torch.is_grad_enabled(), torch.is_inference_mode_enabled())
     return (modes, describe_value(tuple(args)), describe_value(dict(kwargs)))
@@ -178,7 +177,7 @@ class Child:
         self.started = time.perf_counter()
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "diffopt.transforms.background", str(self.directory / "spec.pkl")],
+                [sys.executable, "-m", "diffopt.transforms.background_child", str(self.directory / "spec.pkl")],
                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
             )  # fmt: skip
         self._finalizer = weakref.finalize(self, _stop_process, self.process, self.directory)
@@ -314,83 +313,3 @@ class BackgroundCompile:
         return BackgroundCompile(module, self.name, self.options, dynamic_batch=self.dynamic_batch,
                                  new_step=self.new_step, model_options=self.model_options, entry_name=self.entry_name,
                                  cache=cache, on_compiled=on_compiled, cuda_graphs=self.eager_graphs is not None)  # fmt: skip
-
-
-# ---- the child ---------------------------------------------------------------------------------------------------
-
-
-def build_copy(spec: Dict[str, Any]) -> torch.nn.Module:
-    """The model of ``spec`` built from its config on its device, with its parameters' dtypes and requires_grad,
-    and the diffopt changes of ``spec["model_options"]``."""
-    from .. import api
-
-    module_name, qualname = spec["model"]
-    cls = importlib.import_module(module_name)
-    for part in qualname.split("."):
-        cls = getattr(cls, part)
-    with torch.device("meta"):
-        model = cls.from_config(spec["config"])
-    model = model.to_empty(device=spec["device"]).eval()
-    tensors = {entry[1]: entry for entry in spec["structure"] if entry[0] == "tensor"}
-    with torch.no_grad():
-        for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
-            entry = tensors.get(name)
-            if entry is not None:
-                tensor.data = tensor.data.to(getattr(torch, entry[3].replace("torch.", "")))
-            tensor.data.zero_()  # to_empty leaves whatever memory held: no NaNs in the runs that compile
-    for name, tensor in model.named_parameters():
-        entry = tensors.get(name)
-        if entry is not None:
-            tensor.requires_grad_(entry[5])
-    api.optimize(model, compile=False, compile_cache=False, **spec["model_options"])
-    return model
-
-
-def run_child(spec: Dict[str, Any]) -> None:
-    from .. import compile_cache
-    from .compile import apply_compile, name_entry
-
-    import torch._dynamo.config
-    import torch._inductor.config
-
-    torch._inductor.config.load_config(spec["settings"]["inductor"])
-    torch._dynamo.config.load_config(spec["settings"]["dynamo"])
-    started = time.perf_counter()
-    model = build_copy(spec)
-    difference = first_difference(structure(model), spec["structure"])
-    if difference:
-        sys.exit(f"the model built from its config differs from the one to compile: {difference}")
-    print(f"built {spec['name']} in {time.perf_counter() - started:.1f} s", flush=True)
-    cache = None
-    if spec["cache"] is not None:
-        directory, key = spec["cache"]
-        cache = compile_cache.Entry(pathlib.Path(directory), key, spec["device"])
-    name_entry(model, spec["entry_name"])
-    apply_compile(model, spec["options"], spec["new_step"], spec["dynamic_batch"], None, spec["name"], cache)
-    for signature in spec["signatures"]:
-        (grad, inference), args, kwargs = make_call(signature)
-        started = time.perf_counter()
-        with torch.inference_mode(inference), torch.set_grad_enabled(grad):
-            model(*args, **kwargs)
-        if spec["device"].startswith("cuda"):
-            torch.cuda.synchronize()
-        print(f"compiled for {signature[1:]!r:.200} in {time.perf_counter() - started:.1f} s", flush=True)
-
-
-def main(argv: Optional[List[str]] = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
-    try:
-        os.nice(5)  # the uncompiled calls in the parent keep their core
-    except (AttributeError, OSError):
-        pass
-    logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    spec = pickle.loads(pathlib.Path(argv[0]).read_bytes())
-    run_child(spec)
-
-
-if __name__ == "__main__":
-    # Run as -m, this file is __main__; the spec's TensorSpecs unpickle as the importable module's class, which
-    # is the one the code must see.
-    from diffopt.transforms.background import main as _main
-
-    _main()
