@@ -115,6 +115,11 @@ def test_calls_run_uncompiled_until_the_child_is_done_then_compile_here_from_its
     diffopt.restore(pipe, attention="original")
     assert_same(before, snapshot(pipe))
     assert torch.equal(run_pipeline(pipe), eager)
+    # The next pipeline of this model finds the saved compile: its first call compiles from it here, no child.
+    again = sd_pipeline()
+    report = diffopt.optimize(again, background_compile=True, compile_cache=tmp_path / "saved")
+    (skipped,) = [s for s in report.skipped if s.transform == "background_compile"]
+    assert "a saved compile was loaded" in skipped.detail and background_of(again.unet) is None
 
 
 def test_a_new_shape_runs_uncompiled_while_a_child_compiles_every_shape_in_order(caplog):

@@ -303,10 +303,13 @@ class BackgroundCompile:
         self.stop()
 
     def stop(self) -> None:
-        """End a running child (restore, or a compiled call given up); what it saved so far stays saved."""
+        """End a running child and free the recorded eager graphs (restore, or given up); what the child saved so
+        far stays saved."""
         if self.child is not None:
             self.child.stop()
             self.child = None
+        if self.eager_graphs is not None:
+            self.eager_graphs.drop(list(self.eager_graphs.recorded))
 
     def copy_for(self, module: torch.nn.Module, cache, on_compiled) -> "BackgroundCompile":
         """A fresh one for a copy of the model: the copy's calls start their own child."""

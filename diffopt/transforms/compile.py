@@ -263,7 +263,7 @@ class CompiledCall(Layer):
                 return output
         first = self.calls == 0
         self.calls += 1
-        if self.background is None:  # a background compile announces new shapes itself
+        if self.background is None or self.background.given_up:  # a background compile announces new shapes itself
             self.shapes.notice(args, kwargs)
         if first:
             compiling_notice(self.name, self.cache, FIRST_CALL)
@@ -588,7 +588,11 @@ def background_for(component: Component, options: Dict[str, Any], new_step: bool
     """The BackgroundCompile for ``component``, or None where its first call is quick anyway: a saved compile was
     loaded for it (the report's cache line says so)."""
     config = ctx.config
-    if not config.background_compile or (cache is not None and cache.loaded.status == "loaded"):
+    if not config.background_compile:
+        return None
+    if cache is not None and cache.loaded.status == "loaded":
+        ctx.report.add(component.name, "background_compile", SKIPPED, "a saved compile was loaded: the first call "
+                       "compiles from it, in seconds, in this process")  # fmt: skip
         return None
     module = component.module
     # The uncompiled calls replay CUDA graphs of the eager forward where the compiled ones will replay CUDA graphs.
