@@ -5,7 +5,10 @@ import logging
 
 import pytest
 import torch
-from conftest import rel_l2, run_pipeline, sd3_transformer, sd_pipeline, tiny_unet, unet_inputs
+from conftest import (
+    if_pipeline, rel_l2, run_pipeline, sd3_transformer, sd_pipeline, sdxl_pipeline, tiny_controlnet, tiny_unet,
+    unet_inputs,
+)
 from test_roundtrip import assert_same, snapshot
 
 import diffopt
@@ -149,6 +152,29 @@ def test_a_new_shape_runs_uncompiled_while_a_child_compiles_every_shape_in_order
     assert "_compiled_call_impl" not in vars(unet)
 
 
+def _two_controlnets():
+    from diffusers import MultiControlNetModel
+
+    return sd_pipeline(controlnet=MultiControlNetModel([tiny_controlnet(), tiny_controlnet()]))
+
+
+@pytest.mark.parametrize("build", [sdxl_pipeline, _two_controlnets, if_pipeline], ids=["sdxl", "two-controlnets", "if"])
+def test_every_compiled_model_of_a_pipeline_switches_when_its_child_is_done(build):
+    pipe = build()
+    eager = run_pipeline(pipe)
+    report = diffopt.optimize(pipe, background_compile=True, compile=FAST, compile_cache=False)
+    compiled = [s.component for s in report.applied if s.transform == "compile"]
+    models = [pipe.unet] + list(getattr(getattr(pipe, "controlnet", None), "nets", []))
+    assert len(compiled) == len(models)  # SDXL's added_cond_kwargs, each net of a MultiControlNet, IF's UNet
+    assert rel_l2(run_pipeline(pipe), eager) < 1e-5 and graphs() == 0
+    for model in models:
+        child = wait_for_child(background_of(model))
+        assert child.process.returncode == 0, child.log_tail()
+    assert rel_l2(run_pipeline(pipe), eager) < 1e-4
+    assert graphs() >= len(models) and all(background_of(m).compiled for m in models)
+    diffopt.restore(pipe)
+
+
 def test_a_child_that_builds_another_model_costs_a_warning_and_the_model_compiles_here(caplog):
     from diffusers.models.attention_processor import AttnProcessor
 
@@ -214,6 +240,22 @@ def test_models_another_process_cannot_build_are_refused_before_anything_changes
     assert_same(before, snapshot(unet))
     with pytest.raises(UnsupportedFeatureError, match="backend is a function"):
         diffopt.optimize(tiny_unet(), background_compile=True, compile={"backend": lambda gm, inputs: gm})
+
+
+def test_a_model_with_lora_layers_is_refused_and_a_fused_one_is_not(tmp_path):
+    from _adapters import save_lora
+
+    pipe = sd_pipeline()
+    pipe.load_lora_weights(save_lora(tmp_path, seed=3))
+    before = snapshot(pipe)
+    with pytest.raises(UnsupportedFeatureError, match="layers a model built from its config lacks.*lora"):
+        diffopt.optimize(pipe, background_compile=True, compile=FAST)
+    assert_same(before, snapshot(pipe))
+    pipe.fuse_lora()
+    pipe.unload_lora_weights()  # the LoRA's change stays in the weights; its layers go
+    report = diffopt.optimize(pipe, background_compile=True, compile=FAST, compile_cache=False)
+    assert "background process" in str(report)
+    diffopt.restore(pipe)
 
 
 def test_transformer_blocks_compile_here_and_say_why():

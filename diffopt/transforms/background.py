@@ -133,12 +133,25 @@ def first_difference(theirs: List[tuple], ours: List[tuple]) -> Optional[str]:
 
 
 def why_not_rebuildable(module: torch.nn.Module) -> Optional[str]:
-    """Why another process cannot build ``module`` from its config, or None."""
+    """Why another process cannot build ``module`` from its config, or None. Builds the copy on the meta device
+    (no memory, a fraction of a second) to find layers its config does not describe (LoRA, IP-Adapter)."""
     cls = type(module)
     if not callable(getattr(cls, "from_config", None)) or getattr(module, "config", None) is None:
         return f"{cls.__qualname__} is not a diffusers model that can be built from its config"
     if cls.__module__ == "__main__" or "<locals>" in cls.__qualname__:
         return f"{cls.__qualname__} is defined in {cls.__module__}, which another process cannot import"
+    try:
+        with torch.device("meta"):
+            copy = cls.from_config(dict(module.config))
+    except Exception as error:  # noqa: BLE001 - the reason is the answer
+        return f"{cls.__qualname__}.from_config(its config) fails ({type(error).__name__}: {error})"
+    shapes = lambda model: [  # noqa: E731
+        ("tensor", name, tuple(t.shape)) for name, t in list(model.named_parameters()) + list(model.named_buffers())
+    ]
+    difference = first_difference(shapes(copy), shapes(module))
+    if difference:
+        return (f"it has layers a model built from its config lacks ({difference}); LoRA or IP-Adapter layers do "
+                "that: fuse and unload a LoRA first (pipe.fuse_lora(); pipe.unload_lora_weights())")  # fmt: skip
     return None
 
 
