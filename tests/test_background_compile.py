@@ -67,6 +67,10 @@ def test_a_call_is_described_by_shapes_strides_dtypes_and_plain_values():
 
     with pytest.raises(Undescribable, match="Box"):
         describe_value({"box": [Box()]})
+    # A ControlNet's conditioning scale: its value selects a recorded graph, not a compiled one.
+    assert describe_call((), dict(scale=0.5)) != describe_call((), dict(scale=1.0))
+    assert describe_call((), dict(scale=0.5), exact_floats=False) == describe_call((), dict(scale=1.0), exact_floats=False)
+    assert isinstance(make_call(describe_call((), dict(scale=0.5), exact_floats=False))[2]["scale"], float)
 
 
 def test_first_difference_names_what_the_copy_lacks_or_has_otherwise():

@@ -64,22 +64,34 @@ class TensorSpec:
         return tensor.requires_grad_(self.requires_grad)
 
 
-def describe_value(value: Any) -> Any:
-    """``value`` with every tensor replaced by its :class:`TensorSpec`; plain values kept. Hashable."""
+@dataclasses.dataclass(frozen=True)
+class AnyFloat:
+    """A float input whose value selects no compiled graph (dynamo's ``specialize_float=False``, torch's default):
+    a ControlNet's conditioning scale, which a call may change from step to step."""
+
+    def make(self) -> float:
+        return 1.0
+
+
+def describe_value(value: Any, exact_floats: bool = True) -> Any:
+    """``value`` with every tensor replaced by its :class:`TensorSpec`; plain values kept (floats as
+    :class:`AnyFloat` unless ``exact_floats``). Hashable."""
     if isinstance(value, torch.Tensor):
         return TensorSpec(tuple(value.shape), tuple(value.stride()), str(value.dtype), str(value.device), value.requires_grad)
+    if isinstance(value, float) and not exact_floats:
+        return AnyFloat()
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
     if isinstance(value, (list, tuple)):
-        return (type(value).__name__, tuple(describe_value(v) for v in value))
+        return (type(value).__name__, tuple(describe_value(v, exact_floats) for v in value))
     if isinstance(value, dict):
-        return ("dict", tuple((k, describe_value(v)) for k, v in value.items()))
+        return ("dict", tuple((k, describe_value(v, exact_floats)) for k, v in value.items()))
     raise Undescribable(f"a {type(value).__module__}.{type(value).__qualname__}")
 
 
 def make_value(described: Any) -> Any:
     """The inverse of :func:`describe_value`, with zeros for every tensor."""
-    if isinstance(described, TensorSpec):
+    if isinstance(described, (TensorSpec, AnyFloat)):
         return described.make()
     if isinstance(described, tuple):
         kind, items = described
@@ -89,12 +101,19 @@ def make_value(described: Any) -> Any:
     return described
 
 
-def describe_call(args, kwargs) -> Tuple:
-    """One call's inputs and the grad mode it runs under: what selects a compiled graph."""
+def describe_call(args, kwargs, exact_floats: bool = True) -> Tuple:
+    """One call's inputs and the grad mode it runs under: what selects a graph (a recorded one with
+    ``exact_floats``, which replays the float values it was recorded with; a compiled one without)."""
     if any(torch.is_autocast_enabled(device) for device in ("cuda", "cpu")):
         raise Undescribable("autocast is on")
     modes = (torch.is_grad_enabled(), torch.is_inference_mode_enabled())
-    return (modes, describe_value(tuple(args)), describe_value(dict(kwargs)))
+    return (modes, describe_value(tuple(args), exact_floats), describe_value(dict(kwargs), exact_floats))
+
+
+def _floats_select_graphs() -> bool:
+    import torch._dynamo.config  # loaded already: the compiled call made a torch.compile
+
+    return torch._dynamo.config.specialize_float
 
 
 def make_call(signature: Tuple) -> Tuple[Tuple[bool, bool], tuple, dict]:
@@ -251,7 +270,8 @@ class BackgroundCompile:
         if self.given_up:
             return COMPILE
         try:
-            signature = describe_call(args, kwargs)
+            exact = describe_call(args, kwargs)
+            signature = exact if _floats_select_graphs() else describe_call(args, kwargs, exact_floats=False)
         except Undescribable as why:
             self.give_up(f"a call input cannot be described to another process ({why})")
             return COMPILE
@@ -266,7 +286,7 @@ class BackgroundCompile:
         if self.child is None:
             self._start()
         if self.eager_graphs is not None:
-            return self.eager_graphs.call(signature, args, kwargs)
+            return self.eager_graphs.call(exact, args, kwargs)
         return self.module._call_impl(*args, **kwargs)
 
     def _spec(self) -> Dict[str, Any]:
@@ -302,7 +322,7 @@ class BackgroundCompile:
         child.stop()
         self.compiled.update(child.signatures)
         if self.eager_graphs is not None:
-            self.eager_graphs.drop(child.signatures)
+            self.eager_graphs.drop(list(self.eager_graphs.recorded))  # shapes still uncompiled record again
         logger.warning("diffopt: %s compiled in a background process in %.1f s; loading it here (seconds)", self.name,
                        seconds)  # fmt: skip
         if self.on_compiled is not None:
