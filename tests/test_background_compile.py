@@ -262,6 +262,15 @@ def test_a_model_with_lora_layers_is_refused_and_a_fused_one_is_not(tmp_path):
     diffopt.restore(pipe)
 
 
+def test_the_vae_decoder_compiles_here_and_says_why():
+    pipe = sd_pipeline()
+    report = diffopt.optimize(pipe, background_compile=True, compile_vae=True, compile=FAST, compile_cache=False)
+    (skipped,) = [s for s in report.skipped if s.transform == "background_compile"]
+    assert skipped.component == "vae.decoder" and "compiles in this process" in skipped.detail
+    assert background_of(pipe.unet) is not None and background_of(pipe.vae.decoder) is None
+    diffopt.restore(pipe)
+
+
 def test_transformer_blocks_compile_here_and_say_why():
     model = sd3_transformer(layers=4)  # blocks that repeat
     report = diffopt.optimize(model, background_compile=True, compile=FAST, compile_cache=False)

@@ -558,12 +558,18 @@ def plan(ctx) -> List[Step]:
         on_cpu = ctx.timesteps_on_cpu and component.role in (DENOISER, CONTROLNET)
         scalars_to = execution_device(component.module) if on_cpu else None
 
-        if ctx.config.background_compile:
+        in_background = ctx.config.background_compile and component.role in (DENOISER, CONTROLNET)
+        if in_background:
             check_background(component, options)
+        elif ctx.config.background_compile:
+            # The decoder runs once per call and is not a model diffusers builds from a config of its own.
+            ctx.report.add(component.name, "background_compile", SKIPPED, "the VAE decoder compiles in this process, "
+                           "at its first decode")  # fmt: skip
 
-        def apply(component=component, options=options, new_step=new_step, scalars_to=scalars_to):
+        def apply(component=component, options=options, new_step=new_step, scalars_to=scalars_to,
+                  in_background=in_background):  # fmt: skip
             cache = ctx.compile_cache(component, options)
-            background = background_for(component, options, new_step, ctx, cache)
+            background = background_for(component, options, new_step, ctx, cache) if in_background else None
             return apply_compile(component.module, options, new_step, ctx.config.dynamic_batch, scalars_to,
                                  component.name, cache, background)  # fmt: skip
 
