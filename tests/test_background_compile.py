@@ -278,3 +278,19 @@ def test_transformer_blocks_compile_here_and_say_why():
     assert "blocks compile in seconds" in skipped.detail
     assert not any(getattr(layer, "background", None) for layer in vars(model).get("_diffopt_layers", ()))
     diffopt.restore(model)
+
+
+def test_the_benchmark_times_compiled_calls_after_a_first_call_run_uncompiled():
+    from diffopt.bench import measure
+    from diffopt.bench.pipelines import Stage
+    from conftest import run_sd
+
+    pipe = sd_pipeline()
+    diffopt.optimize(pipe, background_compile=True, compile=FAST, compile_cache=False)
+    stage = Stage(label="", pipe=pipe, call=lambda batch, output_type: run_sd(pipe, batch=batch), steps=2)
+    settings = measure.CellSettings(size="tiny", device=torch.device("cpu"), dtype=torch.float32, warmup=2, repeats=2)
+    results = []
+    measure._measure_stage(stage, 1, settings, None, measure._Phase(), results)
+    assert background_of(pipe.unet).compiled and graphs() >= 1  # the warm-up switched; the timed calls ran compiled
+    assert results[0].first_call_s > 0 and len(results[0].times_s) == 2
+    diffopt.restore(pipe)

@@ -349,3 +349,15 @@ class BackgroundCompile:
         return BackgroundCompile(module, self.name, self.options, dynamic_batch=self.dynamic_batch,
                                  new_step=self.new_step, model_options=self.model_options, entry_name=self.entry_name,
                                  cache=cache, on_compiled=on_compiled, cuda_graphs=self.eager_graphs is not None)  # fmt: skip
+
+
+def wait_for_children(modules, timeout: Optional[float] = None) -> float:
+    """Wait until no background compile of ``modules`` has a child running; returns the seconds waited. The models
+    switch to their compiled code at their next call (a benchmark times compiled calls after this)."""
+    started = time.perf_counter()
+    for module in modules:
+        background = getattr(vars(module).get("_compiled_call_impl"), "background", None)
+        child = background.child if background is not None else None
+        if child is not None:
+            child.process.wait(timeout)
+    return time.perf_counter() - started
