@@ -258,6 +258,7 @@ class BackgroundCompile:
         self.eager_graphs = EagerGraphs(module, name) if cuda_graphs else None
         self.seen: List[Tuple] = []  # every call signature, in the order it first came
         self.compiled: Set[Tuple] = set()  # signatures a child compiled: this process compiles them from the caches
+        self.compiled_exact: Set[Tuple] = set()  # the calls (floats by value) found compiled, looked up first
         self.child: Optional[Child] = None
         self.given_up: Optional[str] = None
 
@@ -271,12 +272,17 @@ class BackgroundCompile:
             return COMPILE
         try:
             exact = describe_call(args, kwargs)
+            if exact in self.compiled_exact:  # the common case once compiled: one description a call (16 us)
+                return COMPILE
             signature = exact if _floats_select_graphs() else describe_call(args, kwargs, exact_floats=False)
         except Undescribable as why:
             self.give_up(f"a call input cannot be described to another process ({why})")
             return COMPILE
         self._collect()
-        if signature in self.compiled or self.given_up:
+        if signature in self.compiled:
+            self.compiled_exact.add(exact)
+            return COMPILE
+        if self.given_up:
             return COMPILE
         if signature not in self.seen:
             self.seen.append(signature)
