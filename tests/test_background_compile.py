@@ -262,6 +262,16 @@ def test_a_model_with_lora_layers_is_refused_and_a_fused_one_is_not(tmp_path):
     diffopt.restore(pipe)
 
 
+def test_fused_projections_are_not_taken_for_layers_the_config_lacks():
+    unet = tiny_unet()
+    options = dict(background_compile=True, fuse_projections=True, compile=FAST, compile_cache=False)
+    diffopt.optimize(unet, **options)
+    assert any(name.endswith("to_qkv.weight") for name, _ in unet.named_parameters())
+    report = diffopt.optimize(unet, **options)  # checked before the previous optimization comes off
+    assert "background process" in str(report)
+    diffopt.restore(unet)
+
+
 def test_the_vae_decoder_compiles_here_and_says_why():
     pipe = sd_pipeline()
     report = diffopt.optimize(pipe, background_compile=True, compile_vae=True, compile=FAST, compile_cache=False)

@@ -164,14 +164,21 @@ def why_not_rebuildable(module: torch.nn.Module) -> Optional[str]:
             copy = cls.from_config(dict(module.config))
     except Exception as error:  # noqa: BLE001 - the reason is the answer
         return f"{cls.__qualname__}.from_config(its config) fails ({type(error).__name__}: {error})"
-    shapes = lambda model: [  # noqa: E731
-        ("tensor", name, tuple(t.shape)) for name, t in list(model.named_parameters()) + list(model.named_buffers())
-    ]
-    difference = first_difference(shapes(copy), shapes(module))
+    difference = first_difference(_unfused_shapes(copy), _unfused_shapes(module))
     if difference:
         return (f"it has layers a model built from its config lacks ({difference}); LoRA or IP-Adapter layers do "
                 "that: fuse and unload a LoRA first (pipe.fuse_lora(); pipe.unload_lora_weights())")  # fmt: skip
     return None
+
+
+#: The layers that fusing an attention layer's projections adds (diffusers' fuse_projections, which diffopt's
+#: fuse_projections option calls and the child repeats): not layers the config leaves out.
+FUSED_PROJECTIONS = ("to_qkv", "to_kv", "to_added_qkv")
+
+
+def _unfused_shapes(model: torch.nn.Module) -> List[tuple]:
+    tensors = list(model.named_parameters()) + list(model.named_buffers())
+    return [("tensor", name, tuple(t.shape)) for name, t in tensors if name.split(".")[-2] not in FUSED_PROJECTIONS]
 
 
 def _settings() -> Dict[str, Dict[str, Any]]:
