@@ -251,11 +251,12 @@ class OptimizeConfig:
             raise ValueError("compile_blocks=True compiles the denoiser's blocks, but compile=False turns compiling off; "
                              "drop one of them")  # fmt: skip
         if self.background_compile:
-            clash = ("compile=False" if self.compile is False else f"quantize={self.quantize!r}" if self.quantize
-                     else f"cache={self.cache!r}" if self.cache is not None else None)  # fmt: skip
-            if clash:
-                raise ValueError(f"background_compile=True compiles in another process, which cannot reproduce {clash}; "
-                                 "drop one of them")  # fmt: skip
+            clashes = [text for text, clash in (("compile=False", self.compile is False),
+                                                (f"quantize={self.quantize!r}", self.quantize is not None),
+                                                (f"cache={self.cache!r}", self.cache is not None)) if clash]  # fmt: skip
+            if clashes:
+                raise ValueError(f"background_compile=True compiles in another process, which cannot reproduce "
+                                 f"{clashes[0]}; drop one of them")  # fmt: skip
         no_dynamic = self.compile is False or (isinstance(self.compile, Mapping) and self.compile.get("dynamic") is False)
         if self.dynamic_batch and no_dynamic:
             raise ValueError(f"dynamic_batch=True marks the batch dimension of compiled graphs dynamic, but "

@@ -43,10 +43,10 @@ import torch
 from diffopt.bench.env import OutOfMemoryError, free_memory, peak_memory_bytes, reset_peak_memory, sync
 from diffopt.bench.image_quality import pixels, psnr, ssim
 from diffopt.bench.pipelines import BenchCase, Stage, build_case
-from diffopt.components import find_components
-from diffopt.transforms.background import wait_for_children
 from diffopt.bench.recipes import Recipe
 from diffopt.bench.split import DECODE, POSTPROCESS, split_targets, timed_methods
+from diffopt.components import find_components
+from diffopt.transforms.compile import wait_for_background_compiles
 
 
 @dataclass
@@ -322,7 +322,7 @@ def _measure_stage(
     first_s, _ = _timed(stage, batch, stage.timed_output, device)
     # A recipe with background_compile ran its first call uncompiled; the timed calls are the compiled ones.
     phase.name = "background compile" + suffix
-    wait_for_children(component.module for component in find_components(stage.pipe))
+    wait_for_background_compiles(component.module for component in find_components(stage.pipe))
     phase.name = "warmup" + suffix
     for _ in range(max(settings.warmup - 1, 0)):
         _timed(stage, batch, stage.timed_output, device)

@@ -32,7 +32,7 @@ import sys
 import tempfile
 import time
 import weakref
-from typing import Any, Callable, Dict, List, Optional, Set, Tuple
+from typing import Any, Dict, List, Optional, Set, Tuple
 
 import torch
 
@@ -250,18 +250,18 @@ class BackgroundCompile:
     """For a :class:`~diffopt.transforms.compile.CompiledCall`: which calls run uncompiled while a child compiles.
 
     ``call(args, kwargs)`` runs a call uncompiled while the child has not compiled its inputs yet (and starts a child
-    if none runs), and returns :data:`COMPILE` once one has (``on_compiled`` has then been called, so that the
-    compiled call loads what the child saved) or when this has given up (the reason logged; the model compiles
-    here). ``cuda_graphs``: the uncompiled calls replay CUDA graphs of the eager forward (eager_graphs.py)."""
+    if none runs), and returns :data:`COMPILE` once one has (the compile cache entry ``cache``, which the compiled
+    call shares, has then been loaded again with what the child saved) or when this has given up (the reason
+    logged; the model compiles here). ``cuda_graphs``: the uncompiled calls replay CUDA graphs of the eager forward (eager_graphs.py)."""
 
     def __init__(self, module: torch.nn.Module, name: str, options: Dict[str, Any], *, dynamic_batch: bool,
                  new_step: bool, model_options: Dict[str, Any], entry_name: str, cache=None,
-                 on_compiled: Optional[Callable[[], None]] = None, cuda_graphs: bool = False):  # fmt: skip
+                 cuda_graphs: bool = False):  # fmt: skip
         from .eager_graphs import EagerGraphs
 
         self.module, self.name, self.options = module, name, dict(options)
         self.dynamic_batch, self.new_step, self.model_options = dynamic_batch, new_step, dict(model_options)
-        self.entry_name, self.cache, self.on_compiled = entry_name, cache, on_compiled
+        self.entry_name, self.cache = entry_name, cache  # cache: a compile_cache.Entry, or None
         self.eager_graphs = EagerGraphs(module, name) if cuda_graphs else None
         self.seen: List[Tuple] = []  # every call signature, in the order it first came
         self.compiled: Set[Tuple] = set()  # signatures a child compiled: this process compiles them from the caches
@@ -335,11 +335,11 @@ class BackgroundCompile:
         child.stop()
         self.compiled.update(child.signatures)
         if self.eager_graphs is not None:
-            self.eager_graphs.drop(list(self.eager_graphs.recorded))  # shapes still uncompiled record again
+            self.eager_graphs.clear()  # shapes still uncompiled record again
         logger.warning("diffopt: %s compiled in a background process in %.1f s; loading it here (seconds)", self.name,
                        seconds)  # fmt: skip
-        if self.on_compiled is not None:
-            self.on_compiled()
+        if self.cache is not None:
+            self.cache.reload()  # what the child saved, for the compiled call's next compile
         if any(signature not in self.compiled for signature in self.seen):
             self._start()
 
@@ -355,22 +355,11 @@ class BackgroundCompile:
             self.child.stop()
             self.child = None
         if self.eager_graphs is not None:
-            self.eager_graphs.drop(list(self.eager_graphs.recorded))
+            self.eager_graphs.clear()
 
-    def copy_for(self, module: torch.nn.Module, cache, on_compiled) -> "BackgroundCompile":
-        """A fresh one for a copy of the model: the copy's calls start their own child."""
+    def copy_for(self, module: torch.nn.Module) -> "BackgroundCompile":
+        """A fresh one for a copy of the model (the same cache entry): the copy's calls start their own child."""
         return BackgroundCompile(module, self.name, self.options, dynamic_batch=self.dynamic_batch,
                                  new_step=self.new_step, model_options=self.model_options, entry_name=self.entry_name,
-                                 cache=cache, on_compiled=on_compiled, cuda_graphs=self.eager_graphs is not None)  # fmt: skip
+                                 cache=self.cache, cuda_graphs=self.eager_graphs is not None)  # fmt: skip
 
-
-def wait_for_children(modules, timeout: Optional[float] = None) -> float:
-    """Wait until no background compile of ``modules`` has a child running; returns the seconds waited. The models
-    switch to their compiled code at their next call (a benchmark times compiled calls after this)."""
-    started = time.perf_counter()
-    for module in modules:
-        background = getattr(vars(module).get("_compiled_call_impl"), "background", None)
-        child = background.child if background is not None else None
-        if child is not None:
-            child.process.wait(timeout)
-    return time.perf_counter() - started

@@ -93,17 +93,19 @@ def name_entry(module: torch.nn.Module, name: str) -> Callable:
     """Give ``module`` an entry (see :func:`own_entry`) whose code object is named ``name`` exactly: a background
     compile's child uses the parent's name, so that dynamo's per-code-object choices (a dynamic batch dimension,
     kept from one process to the next) are the same in both processes."""
-    entry = own_entry(module)
-    code = entry.__code__.replace(co_name=name)
-    _ENTRIES[module]["_call_impl"] = types.FunctionType(code, entry.__globals__, name, None, entry.__closure__)
-    return _ENTRIES[module]["_call_impl"]
+    _ENTRIES.setdefault(module, {})["_call_impl"] = entry = _with_code_name(own_entry(module), name)
+    return entry
 
 
 def renamed(function: Callable, name: str) -> Callable:
     """A copy of ``function`` with a code object of its own, named ``name`` and a serial number (dynamo keeps its
     graphs and its recompile count per code object)."""
-    code = function.__code__.replace(co_name=f"{name}_{next(_SERIAL)}")
-    return types.FunctionType(code, function.__globals__, code.co_name, None, function.__closure__)
+    return _with_code_name(function, f"{name}_{next(_SERIAL)}")
+
+
+def _with_code_name(function: Callable, name: str) -> Callable:
+    code = function.__code__.replace(co_name=name)
+    return types.FunctionType(code, function.__globals__, name, None, function.__closure__)
 
 
 def is_compiled(module: torch.nn.Module) -> bool:
@@ -229,10 +231,9 @@ class CompiledCall(Layer):
         self.module, self.name, self.options = module, name, dict(options)
         self.new_step, self.dynamic_batch, self.scalars_to = new_step, dynamic_batch, scalars_to
         self.cache = cache  # a compile_cache.Entry, or None
-        # A background.BackgroundCompile, or None: which calls run uncompiled while another process compiles.
+        # A background.BackgroundCompile (sharing ``cache``), or None: which calls run uncompiled while another
+        # process compiles.
         self.background = background
-        if background is not None:
-            background.on_compiled = self._compiled_elsewhere
         self.compiled = torch.compile(own_entry(module), **self.options)
         self.offloaded = None  # compiled lazily, the first time an offload hook is found
         self.replaced = None  # the compiled call this one stands in for (apply_compile), put back by undo
@@ -292,11 +293,6 @@ class CompiledCall(Layer):
             output = self.offloaded(module, *args, **kwargs)
         return hook.post_forward(module, output)
 
-    def _compiled_elsewhere(self) -> None:
-        """A background compile finished: load what it saved, so that the next compiled call finds it."""
-        if self.cache is not None:
-            self.cache.reload()
-
     def undo(self, owner) -> None:
         if self.background is not None:
             self.background.stop()
@@ -313,7 +309,7 @@ class CompiledCall(Layer):
         twin = CompiledCall(module, self.name, self.options, self.new_step, self.dynamic_batch, self.scalars_to,
                             self.cache)  # fmt: skip
         if self.background is not None:
-            twin.background = self.background.copy_for(module, twin.cache, twin._compiled_elsewhere)
+            twin.background = self.background.copy_for(module)
         twin.order = self.order  # the copy's undo runs in the same order as the original's
         # torch's Module.__getstate__ leaves _compiled_call_impl out of a copy (torch >= 2.5), so the copy reaches
         # this layer only through its record; install it where the original has it, or the copy runs uncompiled.
@@ -577,6 +573,16 @@ def plan(ctx) -> List[Step]:
     return steps
 
 
+def wait_for_background_compiles(modules, timeout: Optional[float] = None) -> None:
+    """Wait until no background compile of ``modules`` has a child running. The models switch to their compiled
+    code at their next call (a benchmark times compiled calls after this)."""
+    for module in modules:
+        call = vars(module).get(_ATTR)
+        child = call.background.child if isinstance(call, CompiledCall) and call.background is not None else None
+        if child is not None:
+            child.process.wait(timeout)
+
+
 def check_background(component: Component, options: Dict[str, Any]) -> None:
     """Raise where ``background_compile=True`` (always named: it is off by default) cannot run for ``component``."""
     module = component.module
@@ -594,8 +600,6 @@ def background_for(component: Component, options: Dict[str, Any], new_step: bool
     """The BackgroundCompile for ``component``, or None where its first call is quick anyway: a saved compile was
     loaded for it (the report's cache line says so)."""
     config = ctx.config
-    if not config.background_compile:
-        return None
     if cache is not None and cache.loaded.status == "loaded":
         ctx.report.add(component.name, "background_compile", SKIPPED, "a saved compile was loaded: the first call "
                        "compiles from it, in seconds, in this process")  # fmt: skip

@@ -87,7 +87,6 @@ class EagerGraphs:
             return None
         return Recorded(graph, inputs, output, weight_pointers(self.module))
 
-    def drop(self, signatures) -> None:
-        """Free the graphs of ``signatures`` (compiled code runs them from now on) and their memory pools."""
-        for signature in signatures:
-            self.recorded.pop(signature, None)
+    def clear(self) -> None:
+        """Free every graph and its memory pool (compiled code takes over, or the model is restored)."""
+        self.recorded.clear()
