@@ -116,4 +116,6 @@ for index, (batch, height) in enumerate(shapes):
     if index == 0:
         result["latents"] = latents.float().cpu().flatten()[:4096].tolist()
     print("SHAPE", json.dumps(result["shapes"][-1]), flush=True)  # what a run cut short still shows
+# This process's peak (the background compile's process holds its own memory besides).
+result["peak_allocated_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
 print("RESULT", json.dumps(result), flush=True)

@@ -10,7 +10,7 @@ Example::
 Importing this package changes nothing global: no torch, dynamo or inductor setting is written, and no
 GPU is probed, until :func:`optimize` runs.
 """
-from .api import optimize, restore
+from .api import optimize, restore, wait_until_compiled
 from .capabilities import UnsupportedFeatureError
 from .config import DeepCache, FirstBlockCache, OptimizeConfig
 from .fidelity import quantization_error
@@ -19,5 +19,5 @@ from .report import Report
 __version__ = "0.1.0"
 __all__ = [
     "optimize", "restore", "OptimizeConfig", "DeepCache", "FirstBlockCache", "Report", "UnsupportedFeatureError",
-    "quantization_error", "__version__",
+    "quantization_error", "wait_until_compiled", "__version__",
 ]  # fmt: skip

@@ -245,3 +245,19 @@ def restore(target, attention: str = "default") -> Report:
 def is_optimized(target) -> bool:
     """Whether diffopt has changed anything on ``target`` or the objects it holds."""
     return any(layers_of(owner) for owner in _owners(target))
+
+
+def wait_until_compiled(target, timeout: Optional[float] = None) -> bool:
+    """Block until the models of ``target`` that compile in the background run compiled code for every input
+    shape they have been called with, or for ``timeout`` seconds; True when none is left waiting. Benchmarks and
+    servers call it after a first call (a warm-up) so that what follows is timed or served compiled.
+
+    Example::
+
+        diffopt.optimize(pipe)
+        pipe(prompt, num_inference_steps=2)   # runs at once, uncompiled; the compile starts elsewhere
+        diffopt.wait_until_compiled(pipe)     # about as long as a first compiled call would have taken
+    """
+    check_target(target)
+    modules = [component.module for component in find_components(target)]
+    return compile_transform.wait_for_background_compiles(modules, timeout)

@@ -48,7 +48,7 @@ HOW_TO_MOVE = f"move it with the compile_cache option or {ENV_VAR}=/a/writable/d
 
 @dataclass(frozen=True)
 class CacheResult:
-    status: str  # "loaded", "missing", "mismatch", "saved", "disabled" or "failed"
+    status: str  # "loaded", "found" (not loaded yet), "missing", "mismatch", "saved", "disabled" or "failed"
     detail: str  # one sentence for a report line
     path: Optional[pathlib.Path] = None
     nbytes: int = 0
@@ -156,8 +156,10 @@ def _differences(saved: Dict[str, str], current: Dict[str, str]) -> str:
     return ", ".join(f"{f} {saved.get(f, 'absent')}, this is {f} {current.get(f, 'absent')}" for f in fields if saved.get(f) != current.get(f))
 
 
-def load(directory: Optional[pathlib.Path], key: str, device) -> CacheResult:
-    """Hot-load the artifacts saved under ``key`` into torch's caches, if they were saved for this environment."""
+def load(directory: Optional[pathlib.Path], key: str, device, probe: bool = False) -> CacheResult:
+    """Hot-load the artifacts saved under ``key`` into torch's caches, if they were saved for this environment.
+    ``probe``: only check that they were (status "found"), for a load later in a thread (a background compile's:
+    loading a full-size model's artifacts takes seconds)."""
     unavailable = _unavailable(directory)
     if unavailable:
         return unavailable
@@ -176,6 +178,9 @@ def load(directory: Optional[pathlib.Path], key: str, device) -> CacheResult:
         saved = meta["fingerprint"]
         if saved != current:  # never hand torch kernels built for other versions or hardware
             return CacheResult("mismatch", f"saved for {_differences(saved, current)}: recompiling", entry)
+        if probe:
+            return CacheResult("found", f"found {_mb(meta['size'])} of compiled kernels in {_shown(entry)}, saved by an "
+                               "earlier run on this card and versions: loaded at the first call", entry, meta["size"])  # fmt: skip
         data = (entry / ARTIFACTS).read_bytes()
         if len(data) != meta["size"]:
             raise ValueError(f"{len(data)} bytes where {meta['size']} were written")
@@ -262,9 +267,10 @@ class Entry:
     """One compiled model's place in the cache, for the compile transform: loaded when it is created (before the
     model's first compiled call), saved after every call that compiled something."""
 
-    def __init__(self, directory: pathlib.Path, key: str, device):
+    def __init__(self, directory: pathlib.Path, key: str, device, defer_load: bool = False):
         self.directory, self.key, self.device = directory, key, device
-        self.loaded = load(directory, key, device)
+        # defer_load: only found now (status "found"); a background compile's thread loads it with reload()
+        self.loaded = load(directory, key, device, probe=defer_load)
 
     def reload(self) -> None:
         """Load the entry again: another process (a background compile) has saved to it since."""
@@ -289,13 +295,13 @@ def entry_factory(setting: Any):
     inductor, None where the cache is off or the backend is another (its graphs are not inductor's to cache)."""
     directory = resolve_directory(setting)
 
-    def entry(component, options: Dict[str, Any]) -> Optional[Entry]:
+    def entry(component, options: Dict[str, Any], defer_load: bool = False) -> Optional[Entry]:
         if directory is None or options.get("backend", "inductor") != "inductor":
             return None
         from .components import execution_device, module_dtype
 
         device = execution_device(component.module)
         key = artifact_key(component.module, options, device, module_dtype(component.module))
-        return Entry(directory, key, device)
+        return Entry(directory, key, device, defer_load)
 
     return entry

@@ -185,11 +185,14 @@ class OptimizeConfig:
     #: blocks differ, is a ValueError). False: always the whole denoiser.
     compile_blocks: Optional[bool] = None
     #: Run the denoiser and ControlNets uncompiled while another process compiles them with the same options, then
-    #: compile them here from what it saved (seconds): the first images come at eager speed instead of after a
-    #: minute or more of compiling, and so do the first calls at a new input shape. Costs a second copy of the model's
-    #: weights on its device while the other process runs. For models compiled whole (UNets, ControlNets); a
-    #: transformer's blocks compile in seconds anyway. Off by default.
-    background_compile: bool = False
+    #: compile them here from what it saved, in a thread, while the calls go on: the first images come in seconds
+    #: instead of after a minute or more of compiling, and so do the first calls at a new input shape. On CUDA the
+    #: uncompiled calls replay CUDA graphs of the eager forward (faster than eager). Costs a second copy of the
+    #: model's weights on its device while the other process runs. For models compiled whole (UNets, ControlNets);
+    #: a transformer's blocks compile in seconds anyway. None (the default): on for those models on CUDA with CUDA
+    #: graphs, where another process can build them and the device has room, with a report line where not.
+    #: True: required for every such model (an error where one cannot). False: compile in this process.
+    background_compile: Optional[bool] = None
     #: Compile every batch size into one graph (the inputs' batch dimension marked dynamic), so a new batch size
     #: costs a CUDA-graph recording instead of a recompile. Off by default: on an H200 it made the first call
     #: longer (SD1.5 92 s against 77 s; SD ControlNet 116 s against 73 s) for batch changes most users never make.
@@ -230,7 +233,7 @@ class OptimizeConfig:
         check_bool("compile_vae", self.compile_vae)
         check_bool("compile_blocks", self.compile_blocks, none=True)
         check_bool("dynamic_batch", self.dynamic_batch)
-        check_bool("background_compile", self.background_compile)
+        check_bool("background_compile", self.background_compile, none=True)
         check_cache(self.cache)
         check_choice("quantize", self.quantize, QUANTIZE_CHOICES)
         check_bool("fuse_projections", self.fuse_projections)
@@ -250,7 +253,7 @@ class OptimizeConfig:
         if self.compile_blocks is True and self.compile is False:
             raise ValueError("compile_blocks=True compiles the denoiser's blocks, but compile=False turns compiling off; "
                              "drop one of them")  # fmt: skip
-        if self.background_compile:
+        if self.background_compile is True:
             clashes = [text for text, clash in (("compile=False", self.compile is False),
                                                 (f"quantize={self.quantize!r}", self.quantize is not None),
                                                 (f"cache={self.cache!r}", self.cache is not None)) if clash]  # fmt: skip

@@ -33,8 +33,8 @@ class Context:
     timesteps_on_cpu: bool = False
     #: Components that the first-block cache compiles block by block instead of whole.
     block_compiled: Set[str] = field(default_factory=set)
-    #: ``compile_cache(component, options)``: the saved-compile entry for a model, or None.
-    compile_cache: Callable[[Component, dict], Any] = lambda component, options: None
+    #: ``compile_cache(component, options, defer_load=False)``: the saved-compile entry for a model, or None.
+    compile_cache: Callable[..., Any] = lambda component, options, defer_load=False: None
 
     def denoiser(self) -> Optional[Component]:
         from .components import DENOISER

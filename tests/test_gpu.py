@@ -29,7 +29,7 @@ def test_controlnet_pipeline_with_cuda_graphs_runs_and_matches_eager(nets):
     # has been overwritten"; the step mark at the first net is what keeps them correct.
     pipe = sd_pipeline(controlnet=_controlnets(nets)).to("cuda", torch.float16)
     eager = run_pipeline(pipe, steps=3).float()
-    report = diffopt.optimize(pipe)
+    report = diffopt.optimize(pipe, background_compile=False)  # compiled from the first call
     compiled = {s.component: s.detail for s in report.applied if s.transform == "compile"}
     assert all("reduce-overhead" in detail for detail in compiled.values()), compiled
     outputs = [run_pipeline(pipe, steps=3).float() for _ in range(3)]  # warm-up, recording, replays
@@ -44,7 +44,7 @@ def test_dynamic_batch_rerecords_instead_of_recompiling_under_cuda_graphs():
     inputs = {b: {k: v.to("cuda", torch.float16) for k, v in unet_inputs(unet, b).items()} for b in (2, 4)}
     with torch.no_grad():
         eager = {b: unet(**inputs[b]).sample.float() for b in inputs}
-    diffopt.optimize(unet, dynamic_batch=True)
+    diffopt.optimize(unet, dynamic_batch=True, background_compile=False)
     with torch.no_grad():
         unet(**inputs[2])
         with torch._dynamo.config.patch(error_on_recompile=True):
@@ -62,7 +62,7 @@ def test_cpu_timesteps_take_the_per_step_sync_out_of_the_loop_and_keep_the_outpu
     eager = run_pipeline(pipe, steps=4).float()
     results = {}
     for keep_on_cpu in (True, False):
-        diffopt.optimize(pipe, cpu_timesteps=keep_on_cpu)
+        diffopt.optimize(pipe, cpu_timesteps=keep_on_cpu, background_compile=False)
         for _ in range(3):  # warm-up, CUDA-graph recording, replay
             run_pipeline(pipe, steps=4)
         results[keep_on_cpu] = {
@@ -123,7 +123,7 @@ def test_requested_sdpa_kernel_is_the_one_launched(backend, compile):
     inputs = {k: v.to("cuda", torch.float16) for k, v in unet_inputs(unet, 2).items()}
     with torch.no_grad():
         reference = unet(**inputs).sample.float()
-    diffopt.optimize(unet, attention=backend, compile=compile)
+    diffopt.optimize(unet, attention=backend, compile=compile, background_compile=False)
     with torch.no_grad():
         if compile:
             unet(**inputs)  # compiles
@@ -164,7 +164,7 @@ def test_transformer_blocks_compile_by_default_and_cuda_graphs_named_compile_it_
     assert "one graph per block class" in row.detail and "reduce-overhead" not in row.detail
     assert rel_l2(run_pipeline(pipe).float(), eager) < FP16_BOUND
     diffopt.restore(pipe)
-    report = diffopt.optimize(pipe, compile={"mode": "reduce-overhead"})
+    report = diffopt.optimize(pipe, compile={"mode": "reduce-overhead"}, background_compile=False)
     (row,) = [s for s in report.applied if s.component == "transformer" and s.transform == "compile"]
     assert "blocks" not in row.detail and "reduce-overhead" in row.detail
     outputs = [run_pipeline(pipe).float() for _ in range(3)]  # warm-up, recording, replays
@@ -178,19 +178,30 @@ def test_background_compile_replays_eager_cuda_graphs_then_switches_to_the_compi
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))  # inherited by the child
     pipe = sd_pipeline(controlnet=_controlnets(nets) if nets else None).to("cuda", torch.float16)
     eager = run_pipeline(pipe, steps=3).float()
-    report = diffopt.optimize(pipe, background_compile=True, compile_cache=tmp_path / "saved")
+    report = diffopt.optimize(pipe, compile_cache=tmp_path / "saved")  # the default on CUDA
     assert "CUDA graphs of the eager forward" in str(report)
     models = [pipe.unet] + ([pipe.controlnet] if nets else [])
-    backgrounds = [vars(m)["_compiled_call_impl"].background for m in models]
+    calls = [vars(m)["_compiled_call_impl"] for m in models]
+    backgrounds = [call.background for call in calls]
     uncompiled = [run_pipeline(pipe, steps=3).float() for _ in range(2)]
     assert all(b.eager_graphs.replays >= 5 for b in backgrounds)  # every step after the first call's recording
     assert torch.equal(uncompiled[0], uncompiled[1]) and rel_l2(uncompiled[1], eager) < 1e-3
-    for background in backgrounds:
-        child = background.child
-        child.process.wait(timeout=600)
-        assert child.process.returncode == 0, child.log_tail()
-    compiled = [run_pipeline(pipe, steps=3).float() for _ in range(3)]  # loads, records the compiled graphs, replays
-    assert all(not b.eager_graphs.recorded and b.compiled for b in backgrounds)
+    assert all(call.calls == 0 for call in calls)
+    assert diffopt.wait_until_compiled(pipe, timeout=600), [b.given_up for b in backgrounds]
+    assert all(b.loaded and not b.given_up and not b.eager_graphs.recorded for b in backgrounds)
+    # The first compiled calls here record the CUDA graphs of the code the thread compiled, then replay them.
+    compiled = [run_pipeline(pipe, steps=3).float() for _ in range(3)]
     assert torch.equal(compiled[1], compiled[2]) and rel_l2(compiled[2], eager) < FP16_BOUND
+    assert all(call.calls >= 9 for call in calls)
     diffopt.restore(pipe)
     assert torch.equal(run_pipeline(pipe, steps=3).float(), run_pipeline(pipe, steps=3).float())
+    # A new pipeline of the same model in this process: the saved compile is loaded in a thread, with no child.
+    again = sd_pipeline(controlnet=_controlnets(nets) if nets else None).to("cuda", torch.float16)
+    report = diffopt.optimize(again, compile_cache=tmp_path / "saved")
+    assert "loaded from the saved compile in a thread" in str(report)
+    assert rel_l2(run_pipeline(again, steps=3).float(), eager) < FP16_BOUND
+    assert diffopt.wait_until_compiled(again, timeout=600)
+    outputs = [run_pipeline(again, steps=3).float() for _ in range(3)]
+    assert torch.equal(outputs[1], outputs[2]) and rel_l2(outputs[2], eager) < FP16_BOUND
+    assert vars(again.unet)["_compiled_call_impl"].background.child is None
+    diffopt.restore(again)

@@ -35,7 +35,7 @@ def pipe():
         (dict(compile_blocks=True), ValueError, ["compile_blocks=True", "UNet2DConditionModel.down_blocks"]),
         (dict(dynamic_batch=True, compile=False), ValueError, ["dynamic_batch=True", "compile=False"]),
         (dict(dynamic_batch=True, compile={"dynamic": False}), ValueError, ["dynamic_batch=True", "'dynamic': False"]),
-        (dict(background_compile="yes"), TypeError, ["background_compile", "'yes'", "True or False"]),
+        (dict(background_compile="yes"), TypeError, ["background_compile", "'yes'", "True, False or None"]),
         (dict(background_compile=True, compile=False), ValueError, ["background_compile=True", "compile=False"]),
         (dict(background_compile=True, quantize="int8"), ValueError, ["background_compile=True", "quantize='int8'"]),
         (dict(background_compile=True, cache="deepcache"), ValueError, ["background_compile=True", "cache='deepcache'"]),

@@ -5,8 +5,10 @@ generation), and without this the user waits that long for the first image. Here
 forward at once, while a child process builds the same model from its config (with weights of no value: compiled
 code does not depend on weight values), applies the same diffopt changes, and compiles it with the same options for
 the same input shapes. What it compiles lands in the caches this process reads (diffopt's compile cache entry, and
-torch's own on-disk caches), so the first call after the child is done compiles here from those caches, in
-seconds, and every call after that runs compiled. A call with new input shapes runs uncompiled too while a child
+torch's own on-disk caches). Compiling from those caches still takes seconds here (dynamo traces the model again;
+SD1.5 on an H200: 9 s), so a thread of this process does it, with inputs of the same shapes, while the calls go on
+uncompiled; the first call after the thread is done runs compiled. Where a saved compile was loaded at optimize,
+that thread starts at the first call, with no child. A call with new input shapes runs uncompiled too while a child
 compiles every shape seen so far, in the order they came, so that dynamo here and there make the same choices
 (the second batch size of a model makes its batch dimension dynamic).
 
@@ -21,6 +23,8 @@ priority so the uncompiled calls here keep their core.
 """
 from __future__ import annotations
 
+import collections
+import contextlib
 import dataclasses
 import logging
 import os
@@ -30,9 +34,11 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+import traceback
 import weakref
-from typing import Any, Dict, List, Optional, Set, Tuple
+from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
 import torch
 
@@ -57,11 +63,13 @@ class TensorSpec:
     dtype: str
     device: str
     requires_grad: bool
+    inference: bool  # made under inference mode: dynamo guards on it
 
     def make(self) -> torch.Tensor:
         dtype = getattr(torch, self.dtype.replace("torch.", ""))
-        tensor = torch.empty_strided(self.shape, self.stride, dtype=dtype, device=self.device).zero_()
-        return tensor.requires_grad_(self.requires_grad)
+        with torch.inference_mode(self.inference):
+            tensor = torch.empty_strided(self.shape, self.stride, dtype=dtype, device=self.device).zero_()
+        return tensor.requires_grad_(True) if self.requires_grad else tensor
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,7 +85,8 @@ def describe_value(value: Any, exact_floats: bool = True) -> Any:
     """``value`` with every tensor replaced by its :class:`TensorSpec`; plain values kept (floats as
     :class:`AnyFloat` unless ``exact_floats``). Hashable."""
     if isinstance(value, torch.Tensor):
-        return TensorSpec(tuple(value.shape), tuple(value.stride()), str(value.dtype), str(value.device), value.requires_grad)
+        return TensorSpec(tuple(value.shape), tuple(value.stride()), str(value.dtype), str(value.device),
+                          value.requires_grad, value.is_inference())  # fmt: skip
     if isinstance(value, float) and not exact_floats:
         return AnyFloat()
     if value is None or isinstance(value, (bool, int, float, str)):
@@ -242,6 +251,62 @@ def _stop_process(process: subprocess.Popen, directory: pathlib.Path) -> None:
     shutil.rmtree(directory, ignore_errors=True)
 
 
+class Loading:
+    """A thread that compiles here, from the caches, the signatures a child compiled (or a loaded saved compile
+    holds): it reloads the compile cache entry ``cache`` (what the child saved; None: nothing to reload) and runs ``run_compiled(args,
+    kwargs)`` once per signature, in order, with inputs of its shapes. The calls meanwhile keep running uncompiled:
+    dynamo's tracing is host work, and the uncompiled calls replaying CUDA graphs hardly need the host."""
+
+    def __init__(self, name: str, signatures: List[Tuple], run_compiled: Callable, cache, device: torch.device):
+        self.signatures, self.error, self.where = list(signatures), None, ""
+        self.started = time.perf_counter()
+        self.seconds = 0.0
+        self.thread = threading.Thread(target=self._run, args=(run_compiled, cache, device), daemon=True,
+                                       name=f"diffopt-load-{name}")  # fmt: skip
+        self.thread.start()
+
+    def _run(self, run_compiled: Callable, cache, device: torch.device) -> None:
+        try:
+            if cache is not None:
+                cache.reload()
+            if device.type == "cuda":
+                _own_cuda_graph_trees()
+            # A new thread starts on CUDA device 0 and without grad-mode state of its own.
+            with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+                for signature in self.signatures:
+                    (grad, inference), args, kwargs = make_call(signature)
+                    with torch.inference_mode(inference), torch.set_grad_enabled(grad):
+                        run_compiled(args, kwargs)
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+        except BaseException as error:  # noqa: BLE001 - reported by the next call, which compiles in the foreground
+            self.error = error
+            self.where = traceback.format_exc(limit=-4)  # the innermost frames, for the warning
+        self.seconds = time.perf_counter() - self.started
+
+    def done(self) -> bool:
+        return not self.thread.is_alive()
+
+    def wait(self, timeout: Optional[float] = None) -> None:
+        self.thread.join(timeout)
+
+
+def _own_cuda_graph_trees() -> None:
+    """Give this thread the CUDA-graph tree state inductor keeps per thread. Some torch versions (2.11 among them)
+    set it up only in the thread that imported inductor (and in autograd's threads), so a compiled call with CUDA
+    graphs in another thread failed an assertion. The trees this thread records into stay with the compiled code: the calls that run it
+    later, in the caller's thread, replay them."""
+    from torch._inductor import cudagraph_trees
+
+    local = cudagraph_trees.local
+    if hasattr(local, "tree_manager_containers"):
+        return
+    local.tree_manager_containers = {}
+    local.tree_manager_locks = collections.defaultdict(threading.Lock)
+    torch._C._stash_obj_in_tls("tree_manager_containers", local.tree_manager_containers)
+    torch._C._stash_obj_in_tls("tree_manager_locks", local.tree_manager_locks)
+
+
 #: What :meth:`BackgroundCompile.call` returns for a call that runs the compiled code in this process.
 COMPILE = object()
 
@@ -249,32 +314,39 @@ COMPILE = object()
 class BackgroundCompile:
     """For a :class:`~diffopt.transforms.compile.CompiledCall`: which calls run uncompiled while a child compiles.
 
-    ``call(args, kwargs)`` runs a call uncompiled while the child has not compiled its inputs yet (and starts a child
-    if none runs), and returns :data:`COMPILE` once one has (the compile cache entry ``cache``, which the compiled
-    call shares, has then been loaded again with what the child saved) or when this has given up (the reason
-    logged; the model compiles here). ``cuda_graphs``: the uncompiled calls replay CUDA graphs of the eager forward (eager_graphs.py)."""
+    ``call(args, kwargs, run_compiled)`` runs a call uncompiled while its inputs are not compiled here yet (starting
+    a child for inputs no child has compiled, and a :class:`Loading` thread for those one has), and returns
+    :data:`COMPILE` once they are, or when this has given up (the reason logged; the model compiles here).
+    ``run_compiled(args, kwargs)`` is the compiled call, which the thread runs. ``saved``: a saved compile was loaded
+    at optimize, so the first inputs go to the thread at once, with no child. ``cuda_graphs``: the uncompiled calls
+    replay CUDA graphs of the eager forward (eager_graphs.py)."""
 
     def __init__(self, module: torch.nn.Module, name: str, options: Dict[str, Any], *, dynamic_batch: bool,
                  new_step: bool, model_options: Dict[str, Any], entry_name: str, cache=None,
-                 cuda_graphs: bool = False):  # fmt: skip
+                 cuda_graphs: bool = False, saved: bool = False):  # fmt: skip
         from .eager_graphs import EagerGraphs
 
         self.module, self.name, self.options = module, name, dict(options)
         self.dynamic_batch, self.new_step, self.model_options = dynamic_batch, new_step, dict(model_options)
-        self.entry_name, self.cache = entry_name, cache  # cache: a compile_cache.Entry, or None
+        self.entry_name, self.cache, self.saved = entry_name, cache, saved  # cache: a compile_cache.Entry, or None
         self.eager_graphs = EagerGraphs(module, name) if cuda_graphs else None
         self.seen: List[Tuple] = []  # every call signature, in the order it first came
-        self.compiled: Set[Tuple] = set()  # signatures a child compiled: this process compiles them from the caches
+        self.compiled: Set[Tuple] = set()  # in the caches (a child compiled them): the thread compiles them here
+        self.loaded: Set[Tuple] = set()  # compiled here: their calls run compiled
         self.compiled_exact: Set[Tuple] = set()  # the calls (floats by value) found compiled, looked up first
         self.child: Optional[Child] = None
+        self.loading: Optional[Loading] = None
+        self.reload = False  # a child saved to the cache entry since it was last loaded
         self.given_up: Optional[str] = None
 
     @property
     def detail(self) -> str:
         graphs = " (as CUDA graphs of the eager forward)" if self.eager_graphs is not None else ""
+        if self.saved:
+            return f"loaded from the saved compile in a thread while the first calls run uncompiled{graphs}"
         return f"compiled in a background process while the first calls run uncompiled{graphs}"
 
-    def call(self, args, kwargs) -> Any:
+    def call(self, args, kwargs, run_compiled: Callable) -> Any:
         if self.given_up:
             return COMPILE
         try:
@@ -285,22 +357,73 @@ class BackgroundCompile:
         except Undescribable as why:
             self.give_up(f"a call input cannot be described to another process ({why})")
             return COMPILE
-        self._collect()
-        if signature in self.compiled:
-            self.compiled_exact.add(exact)
-            return COMPILE
-        if self.given_up:
-            return COMPILE
         if signature not in self.seen:
             self.seen.append(signature)
-            what = "" if len(self.seen) == 1 else " for new input shapes"
-            logger.warning("diffopt: compiling %s%s in a background process (%s); running it uncompiled until then",
-                           self.name, what, FOREGROUND)  # fmt: skip
-        if self.child is None:
-            self._start()
+            if self.saved and len(self.seen) == 1:
+                self.compiled.add(signature)  # what the saved compile holds: loaded here, no child
+                self.reload = True  # the thread loads the saved compile first
+                logger.warning("diffopt: loading %s from the saved compile in a thread (seconds); running it "
+                               "uncompiled until then", self.name)  # fmt: skip
+            else:
+                what = "" if len(self.seen) == 1 else " for new input shapes"
+                logger.warning("diffopt: compiling %s%s in a background process (%s); running it uncompiled until "
+                               "then", self.name, what, FOREGROUND)  # fmt: skip
+        self._take_child()
+        self._take_loading()
+        if self.given_up:
+            return COMPILE
+        if signature in self.loaded:
+            self.compiled_exact.add(exact)
+            return COMPILE
         if self.eager_graphs is not None:
-            return self.eager_graphs.call(exact, args, kwargs)
-        return self.module._call_impl(*args, **kwargs)
+            # No recording while the thread runs compiled code: a recording must have the GPU to itself.
+            output = self.eager_graphs.call(exact, args, kwargs, record=self.loading is None)
+            if self.loading is not None:
+                # Replays queue up faster than the GPU runs them, and a full launch queue blocks this thread in
+                # the next launch, holding the GIL the thread's tracing needs (SDXL on an H200: a 40-s load instead
+                # of 20). Waiting here releases it.
+                torch.cuda.current_stream(self.eager_graphs.device).synchronize()
+        else:
+            output = self.module._call_impl(*args, **kwargs)
+        self._start_next(run_compiled)  # after the call: a new signature's graph is recorded before a thread starts
+        return output
+
+    def advance(self, run_compiled: Callable) -> None:
+        """Take in a finished child or thread, and start what the signatures seen so far need next: a thread for
+        those compiled elsewhere but not here, a child for those compiled nowhere."""
+        self._take_child()
+        self._take_loading()
+        self._start_next(run_compiled)
+
+    def _start_next(self, run_compiled: Callable) -> None:
+        if self.given_up:
+            return
+        to_load = [s for s in self.seen if s in self.compiled and s not in self.loaded]
+        if self.loading is None and to_load:
+            from ..components import execution_device
+
+            cache, self.reload = (self.cache if self.reload else None), False
+            self.loading = Loading(self.name, to_load, run_compiled, cache, execution_device(self.module))
+        if self.child is None and any(s not in self.compiled for s in self.seen):
+            self._start()
+
+    def wait(self, run_compiled: Callable, timeout: Optional[float] = None) -> bool:
+        """Block until every signature seen so far runs compiled here (or this gave up), or ``timeout`` seconds;
+        True unless the time ran out."""
+        deadline = None if timeout is None else time.perf_counter() + timeout
+        while not self.given_up and any(s not in self.loaded for s in self.seen):
+            left = None if deadline is None else deadline - time.perf_counter()
+            if left is not None and left <= 0:
+                return False
+            try:
+                if self.child is not None:
+                    self.child.process.wait(left)
+                elif self.loading is not None:
+                    self.loading.wait(left)
+            except subprocess.TimeoutExpired:
+                return False
+            self.advance(run_compiled)
+        return True
 
     def _spec(self) -> Dict[str, Any]:
         from ..components import execution_device
@@ -320,8 +443,7 @@ class BackgroundCompile:
         except Exception as error:  # noqa: BLE001 - no child: compile here, as without the option
             self.give_up(f"the background process did not start ({type(error).__name__}: {error})")
 
-    def _collect(self) -> None:
-        """Take in a child that has finished; start the next one where calls came with shapes it did not compile."""
+    def _take_child(self) -> None:
         child = self.child
         if child is None or child.finished() is None:
             return
@@ -334,14 +456,24 @@ class BackgroundCompile:
             return
         child.stop()
         self.compiled.update(child.signatures)
+        self.reload = True
+        logger.warning("diffopt: %s compiled in a background process in %.1f s; loading it here in a thread "
+                       "(seconds) while the calls go on uncompiled", self.name, seconds)  # fmt: skip
+
+    def _take_loading(self) -> None:
+        loading = self.loading
+        if loading is None or not loading.done():
+            return
+        self.loading = None
+        if loading.error is not None:
+            error = loading.error
+            self.give_up(f"loading the compiled code failed ({type(error).__name__}: {str(error)[:300]}); where: "
+                         f"{loading.where}")  # fmt: skip
+            return
+        self.loaded.update(loading.signatures)
         if self.eager_graphs is not None:
             self.eager_graphs.clear()  # shapes still uncompiled record again
-        logger.warning("diffopt: %s compiled in a background process in %.1f s; loading it here (seconds)", self.name,
-                       seconds)  # fmt: skip
-        if self.cache is not None:
-            self.cache.reload()  # what the child saved, for the compiled call's next compile
-        if any(signature not in self.compiled for signature in self.seen):
-            self._start()
+        logger.warning("diffopt: %s runs compiled from its next call on (loaded in %.1f s)", self.name, loading.seconds)
 
     def give_up(self, reason: str) -> None:
         self.given_up = reason
@@ -349,11 +481,14 @@ class BackgroundCompile:
         self.stop()
 
     def stop(self) -> None:
-        """End a running child and free the recorded eager graphs (restore, or given up); what the child saved so
-        far stays saved."""
+        """End a running child, wait for a running thread (it cannot be stopped; it takes seconds), and free the
+        recorded eager graphs (restore, or given up); what the child saved so far stays saved."""
         if self.child is not None:
             self.child.stop()
             self.child = None
+        if self.loading is not None:
+            self.loading.wait()
+            self.loading = None
         if self.eager_graphs is not None:
             self.eager_graphs.clear()
 
@@ -361,5 +496,4 @@ class BackgroundCompile:
         """A fresh one for a copy of the model (the same cache entry): the copy's calls start their own child."""
         return BackgroundCompile(module, self.name, self.options, dynamic_batch=self.dynamic_batch,
                                  new_step=self.new_step, model_options=self.model_options, entry_name=self.entry_name,
-                                 cache=self.cache, cuda_graphs=self.eager_graphs is not None)  # fmt: skip
-
+                                 cache=self.cache, cuda_graphs=self.eager_graphs is not None, saved=self.saved)  # fmt: skip

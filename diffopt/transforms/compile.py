@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 import itertools
 import logging
+import threading
 import time
 import types
 import weakref
@@ -255,19 +256,25 @@ class CompiledCall(Layer):
             args, kwargs = scalars_to_device(args, kwargs, self.scalars_to)
         if self.new_step:
             torch.compiler.cudagraph_mark_step_begin()
-        if self.dynamic_batch:
-            mark_batch_dynamic(args, kwargs)
         hook = getattr(module, "_hf_hook", None)
         if self.background is not None and hook is None:
-            output = self.background.call(args, kwargs)
+            output = self.background.call(args, kwargs, self.run_compiled)
             if output is not COMPILE:
                 return output
+        return self.run_compiled(args, kwargs, hook)
+
+    def run_compiled(self, args, kwargs, hook=None):
+        """The call, compiled (compiling it first if new), with its notices; a background compile's thread runs it
+        too, on inputs it made."""
+        module = self.module
+        if self.dynamic_batch:
+            mark_batch_dynamic(args, kwargs)
         first = self.calls == 0
         self.calls += 1
-        if self.background is None or self.background.given_up:  # a background compile announces new shapes itself
+        if self.background is None or self.background.given_up:  # a background compile announces its work itself
             self.shapes.notice(args, kwargs)
-        if first:
-            compiling_notice(self.name, self.cache, FIRST_CALL)
+            if first:
+                compiling_notice(self.name, self.cache, FIRST_CALL)
         graphs, started = graphs_compiled(), time.perf_counter()
         uncompiled = offloaded_inside(module, self.name)
         with raised_recompile_limit():
@@ -402,26 +409,29 @@ class raised_recompile_limit:
     trying adapters runs through quickly. Raised for our calls only, and put back after. Nested uses (the compiled
     blocks inside a model call that raised it already) write nothing: dynamo's config costs microseconds a write."""
 
-    depth = 0  # the uses entered and not yet left, in this process
+    depth = 0  # the uses entered and not yet left, in this process (a background compile's thread included)
     name = before = None  # the config field and its value before the outermost use
+    lock = threading.Lock()
 
     def __init__(self, limit: int = RECOMPILE_LIMIT):
         self.limit = limit
 
     def __enter__(self):
         cls = type(self)
-        if cls.depth == 0:
-            config = torch._dynamo.config
-            cls.name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # torch < 2.6
-            cls.before = getattr(config, cls.name)
-            setattr(config, cls.name, max(cls.before, self.limit))
-        cls.depth += 1
+        with cls.lock:
+            if cls.depth == 0:
+                config = torch._dynamo.config
+                cls.name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # torch < 2.6
+                cls.before = getattr(config, cls.name)
+                setattr(config, cls.name, max(cls.before, self.limit))
+            cls.depth += 1
 
     def __exit__(self, *exc):
         cls = type(self)
-        cls.depth -= 1
-        if cls.depth == 0:
-            setattr(torch._dynamo.config, cls.name, cls.before)
+        with cls.lock:
+            cls.depth -= 1
+            if cls.depth == 0:
+                setattr(torch._dynamo.config, cls.name, cls.before)
         return False
 
 
@@ -538,7 +548,7 @@ def _first_net(component: Component) -> bool:
 
 
 def plan(ctx) -> List[Step]:
-    steps = []
+    steps, reserved = [], {}  # reserved: device memory the background compiles planned so far will take
     for component in ctx.components:
         options = ctx.compile_options.get(component.name)
         if options is None or component.name in ctx.block_compiled:
@@ -554,17 +564,11 @@ def plan(ctx) -> List[Step]:
         on_cpu = ctx.timesteps_on_cpu and component.role in (DENOISER, CONTROLNET)
         scalars_to = execution_device(component.module) if on_cpu else None
 
-        in_background = ctx.config.background_compile and component.role in (DENOISER, CONTROLNET)
-        if in_background:
-            check_background(component, options)
-        elif ctx.config.background_compile:
-            # The decoder runs once per call and is not a model diffusers builds from a config of its own.
-            ctx.report.add(component.name, "background_compile", SKIPPED, "the VAE decoder compiles in this process, "
-                           "at its first decode")  # fmt: skip
+        in_background = wants_background(component, options, ctx, reserved)
 
         def apply(component=component, options=options, new_step=new_step, scalars_to=scalars_to,
                   in_background=in_background):  # fmt: skip
-            cache = ctx.compile_cache(component, options)
+            cache = ctx.compile_cache(component, options, defer_load=in_background)
             background = background_for(component, options, new_step, ctx, cache) if in_background else None
             return apply_compile(component.module, options, new_step, ctx.config.dynamic_batch, scalars_to,
                                  component.name, cache, background)  # fmt: skip
@@ -573,37 +577,87 @@ def plan(ctx) -> List[Step]:
     return steps
 
 
-def wait_for_background_compiles(modules, timeout: Optional[float] = None) -> None:
-    """Wait until no background compile of ``modules`` has a child running. The models switch to their compiled
-    code at their next call (a benchmark times compiled calls after this)."""
+def wait_for_background_compiles(modules, timeout: Optional[float] = None) -> bool:
+    """Wait until every background compile of ``modules`` has compiled, here, the inputs its model was called with
+    (or gave up and left them to compile at their next call), or ``timeout`` seconds in all; True if none waits."""
+    deadline = None if timeout is None else time.perf_counter() + timeout
+    done = True
     for module in modules:
         call = vars(module).get(_ATTR)
-        child = call.background.child if isinstance(call, CompiledCall) and call.background is not None else None
-        if child is not None:
-            child.process.wait(timeout)
+        if isinstance(call, CompiledCall) and call.background is not None:
+            left = None if deadline is None else max(deadline - time.perf_counter(), 0.0)
+            done = call.background.wait(call.run_compiled, left) and done
+    return done
 
 
-def check_background(component: Component, options: Dict[str, Any]) -> None:
-    """Raise where ``background_compile=True`` (always named: it is off by default) cannot run for ``component``."""
+def wants_background(component: Component, options: Dict[str, Any], ctx, reserved: Dict[str, int]) -> bool:
+    """Whether ``component`` compiles in a background process. ``background_compile=True``: every denoiser and
+    ControlNet, or an error saying why one cannot. None (the default): those on CUDA whose compiled code replays CUDA
+    graphs (the uncompiled calls replay CUDA graphs of the eager forward, so the first images come at once and at
+    better than eager speed), where another process can build the model and the device has room for it; the
+    others compile here, with a report line saying why. ``reserved`` (per device) adds up the planned ones' memory."""
+    setting = ctx.config.background_compile
+    if setting is False:
+        return False
+    if component.role not in (DENOISER, CONTROLNET):
+        if setting:  # the decoder runs once per call and is not a model diffusers builds from a config of its own
+            ctx.report.add(component.name, "background_compile", SKIPPED, "the VAE decoder compiles in this process, "
+                           "at its first decode")  # fmt: skip
+        return False
+    device = execution_device(component.module)
+    if setting is None and (device.type != "cuda" or not uses_cuda_graphs(options)):
+        return False  # plain inductor (a CPU, or CUDA graphs off): a foreground compile, as asked, with no report line
+    reason = why_no_background(component, options, ctx.config)
+    if reason is None and setting is None:
+        reason = background_memory(component.module, device, reserved)
+    if reason is None:
+        return True
+    if setting:
+        raise capabilities.UnsupportedFeatureError(f"background_compile for {component.name}: {reason}; pass "
+                                                   "background_compile=False")  # fmt: skip
+    ctx.report.add(component.name, "background_compile", SKIPPED, f"{reason}: the first call compiles in this "
+                   f"process ({FIRST_CALL})")  # fmt: skip
+    return False
+
+
+def why_no_background(component: Component, options: Dict[str, Any], config) -> Optional[str]:
+    """Why another process cannot compile ``component`` for this one, or None."""
+    clash = [f"{name}={getattr(config, name)!r}" for name in ("quantize", "cache") if getattr(config, name) is not None]
+    if clash:
+        return f"another process cannot reproduce {clash[0]}"
     module = component.module
     reason = why_not_rebuildable(module)
     if reason is None and not isinstance(options.get("backend", "inductor"), str):
         reason = "its compile backend is a function, which another process cannot be given"
     if reason is None and getattr(module, "_hf_hook", None) is not None:
         reason = "it has a CPU offload hook, under which its compiled forward runs in this process"
-    if reason:
-        raise capabilities.UnsupportedFeatureError(f"background_compile for {component.name}: {reason}; pass "
-                                                   "background_compile=False")  # fmt: skip
+    return reason
+
+
+#: Device memory a background compile takes besides a copy of the weights: the other process's CUDA context and
+#: the activations of its compile runs, and here the memory pools of the recorded eager graphs (measured for
+#: SDXL on an H200: ... GiB), with room to spare.
+BACKGROUND_HEADROOM = 4 << 30
+
+
+def background_memory(module: torch.nn.Module, device: torch.device, reserved: Dict[str, int]) -> Optional[str]:
+    """Why ``device`` has no room for a background compile of ``module`` (a second copy of its weights in the other
+    process, plus :data:`BACKGROUND_HEADROOM`), or None, reserving that room in ``reserved``."""
+    need = sum(t.numel() * t.element_size() for t in list(module.parameters()) + list(module.buffers()))
+    need = 2 * need + BACKGROUND_HEADROOM
+    free, _ = torch.cuda.mem_get_info(device)
+    free -= reserved.get(str(device), 0)
+    if need > free:
+        return (f"{device} has {free / 2**30:.1f} GiB free, and compiling in another process takes about "
+                f"{need / 2**30:.1f} GiB (a copy of the weights and the compile's work)")  # fmt: skip
+    reserved[str(device)] = reserved.get(str(device), 0) + need
+    return None
 
 
 def background_for(component: Component, options: Dict[str, Any], new_step: bool, ctx, cache):
-    """The BackgroundCompile for ``component``, or None where its first call is quick anyway: a saved compile was
-    loaded for it (the report's cache line says so)."""
+    """The BackgroundCompile for ``component``. Where a saved compile was loaded, it needs no child: a thread
+    compiles from it while the first calls run uncompiled."""
     config = ctx.config
-    if cache is not None and cache.loaded.status == "loaded":
-        ctx.report.add(component.name, "background_compile", SKIPPED, "a saved compile was loaded: the first call "
-                       "compiles from it, in seconds, in this process")  # fmt: skip
-        return None
     module = component.module
     # The uncompiled calls replay CUDA graphs of the eager forward where the compiled ones will replay CUDA graphs.
     eager_graphs = execution_device(module).type == "cuda" and uses_cuda_graphs(options)
@@ -611,4 +665,5 @@ def background_for(component: Component, options: Dict[str, Any], new_step: bool
         module, component.name, options, dynamic_batch=config.dynamic_batch, new_step=new_step,
         model_options={name: getattr(config, name) for name in MODEL_OPTIONS},
         entry_name=own_entry(module).__code__.co_name, cache=cache, cuda_graphs=eager_graphs,
+        saved=cache is not None and cache.loaded.status == "found",
     )

@@ -47,18 +47,21 @@ class EagerGraphs:
     """The recorded eager graphs of one CUDA model, per call signature."""
 
     def __init__(self, module: torch.nn.Module, name: str):
-        self.module, self.name = module, name
+        from ..components import execution_device
+
+        self.module, self.name, self.device = module, name, execution_device(module)
         self.recorded: Dict[Hashable, Optional[Recorded]] = {}  # None: recording failed, run plain eager code
         self.replays = 0
 
-    def call(self, signature: Hashable, args, kwargs) -> Any:
-        """The module's output for this call, from the graph recorded for ``signature`` (recorded now if new)."""
+    def call(self, signature: Hashable, args, kwargs, record: bool = True) -> Any:
+        """The module's output for this call, from the graph recorded for ``signature`` (recorded now if new and
+        ``record``; plain eager code if not)."""
         recorded = self.recorded.get(signature, False)
         if recorded is not False and recorded is not None and recorded.weights != weight_pointers(self.module):
             recorded = False  # a weight moved: the graph would read the old memory
-        if recorded is False:
+        if recorded is False and record:
             recorded = self.recorded[signature] = self._record(args, kwargs)
-        if recorded is None:
+        if not recorded:
             return self.module._call_impl(*args, **kwargs)
         self.replays += 1
         return recorded.replay(args, kwargs)
