@@ -3,7 +3,7 @@
 others from the first call and the steady time.
 
     python benchmarks/first_image_chart.py benchmarks/results/2026-11-29-h200-first-image docs/first_image.png
-    python benchmarks/first_image_chart.py benchmarks/results/2026-11-30-h200-background-compile/sd15 docs/background_compile.png 120
+    python benchmarks/first_image_chart.py benchmarks/results/2026-11-30-h200-background-default/run1-sd15 docs/background_compile.png 240
 """
 import json
 import pathlib
@@ -15,7 +15,10 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 LABELS = {"eager": "eager SDPA", "docs": "diffusers' torch.compile recipe, cold", "cold": "diffopt, cold",
-          "warm": "diffopt, saved compile", "background": "diffopt, background_compile=True, cold"}  # fmt: skip
+          "warm": "diffopt, saved compile", "background": "diffopt, background_compile=True, cold",
+          "default-cold": "diffopt (compile in the background), cold",
+          "foreground-cold": "diffopt, background_compile=False, cold",
+          "default-warm": "diffopt (compile in the background), saved compile"}  # fmt: skip
 
 
 def seconds_to_each_image(run: dict, images: int) -> list:
