@@ -13,7 +13,7 @@ from test_roundtrip import assert_same, snapshot
 
 import diffopt
 from diffopt.capabilities import UnsupportedFeatureError
-from diffopt.transforms.background import (
+from diffopt.transforms.background_spec import (
     Undescribable, describe_call, describe_value, first_difference, make_call, structure,
 )
 

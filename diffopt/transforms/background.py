@@ -1,4 +1,4 @@
-"""Compile in another process while the model runs uncompiled here (``background_compile=True``).
+"""Compile in another process while the model runs uncompiled here (``background_compile``; on CUDA by default).
 
 A whole UNet's first compiled call takes a minute or more (SD1.5 on an H200: 41-75 s, most of it inductor's code
 generation), and without this the user waits that long for the first image. Here the calls run the model's eager
@@ -6,9 +6,9 @@ forward at once, while a child process builds the same model from its config (wi
 code does not depend on weight values), applies the same diffopt changes, and compiles it with the same options for
 the same input shapes. What it compiles lands in the caches this process reads (diffopt's compile cache entry, and
 torch's own on-disk caches). Compiling from those caches still takes seconds here (dynamo traces the model again;
-SD1.5 on an H200: 9 s), so a thread of this process does it, with inputs of the same shapes, while the calls go on
-uncompiled; the first call after the thread is done runs compiled. Where a saved compile was loaded at optimize,
-that thread starts at the first call, with no child. A call with new input shapes runs uncompiled too while a child
+SD1.5 on an H200: 10-13 s), so a thread of this process does it, with inputs of the same shapes, while the calls go
+on uncompiled; the first call after the thread is done runs compiled. Where optimize found a saved compile, that
+thread loads it after the first call, with no child. A call with new input shapes runs uncompiled too while a child
 compiles every shape seen so far, in the order they came, so that dynamo here and there make the same choices
 (the second batch size of a model makes its batch dimension dynamic).
 
@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import dataclasses
 import logging
 import os
 import pathlib
@@ -42,171 +41,14 @@ from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
 import torch
 
+from .background_spec import Undescribable, compile_settings, describe_call, floats_select_graphs, make_call, structure
+
 logger = logging.getLogger(__name__)
 
 #: The optimize options that change the model itself, which the child applies again to its copy.
 MODEL_OPTIONS = ("attention", "memory_format", "fuse_projections")
 #: How long the first image takes without this option, as the notices say it.
 FOREGROUND = "a minute or more for a full-size model"
-
-
-class Undescribable(ValueError):
-    """A call input that cannot be described to another process (an object other than tensors and plain values)."""
-
-
-@dataclasses.dataclass(frozen=True)
-class TensorSpec:
-    """A tensor input as compiled code sees it: everything but its values."""
-
-    shape: Tuple[int, ...]
-    stride: Tuple[int, ...]
-    dtype: str
-    device: str
-    requires_grad: bool
-    inference: bool  # made under inference mode: dynamo guards on it
-
-    def make(self) -> torch.Tensor:
-        dtype = getattr(torch, self.dtype.replace("torch.", ""))
-        with torch.inference_mode(self.inference):
-            tensor = torch.empty_strided(self.shape, self.stride, dtype=dtype, device=self.device).zero_()
-        return tensor.requires_grad_(True) if self.requires_grad else tensor
-
-
-@dataclasses.dataclass(frozen=True)
-class AnyFloat:
-    """A float input whose value selects no compiled graph (dynamo's ``specialize_float=False``, torch's default):
-    a ControlNet's conditioning scale, which a call may change from step to step."""
-
-    def make(self) -> float:
-        return 1.0
-
-
-def describe_value(value: Any, exact_floats: bool = True) -> Any:
-    """``value`` with every tensor replaced by its :class:`TensorSpec`; plain values kept (floats as
-    :class:`AnyFloat` unless ``exact_floats``). Hashable."""
-    if isinstance(value, torch.Tensor):
-        return TensorSpec(tuple(value.shape), tuple(value.stride()), str(value.dtype), str(value.device),
-                          value.requires_grad, value.is_inference())  # fmt: skip
-    if isinstance(value, float) and not exact_floats:
-        return AnyFloat()
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    if isinstance(value, (list, tuple)):
-        return (type(value).__name__, tuple(describe_value(v, exact_floats) for v in value))
-    if isinstance(value, dict):
-        return ("dict", tuple((k, describe_value(v, exact_floats)) for k, v in value.items()))
-    raise Undescribable(f"a {type(value).__module__}.{type(value).__qualname__}")
-
-
-def make_value(described: Any) -> Any:
-    """The inverse of :func:`describe_value`, with zeros for every tensor."""
-    if isinstance(described, (TensorSpec, AnyFloat)):
-        return described.make()
-    if isinstance(described, tuple):
-        kind, items = described
-        if kind == "dict":
-            return {k: make_value(v) for k, v in items}
-        return (list if kind == "list" else tuple)(make_value(v) for v in items)
-    return described
-
-
-def describe_call(args, kwargs, exact_floats: bool = True) -> Tuple:
-    """One call's inputs and the grad mode it runs under: what selects a graph (a recorded one with
-    ``exact_floats``, which replays the float values it was recorded with; a compiled one without)."""
-    if any(torch.is_autocast_enabled(device) for device in ("cuda", "cpu")):
-        raise Undescribable("autocast is on")
-    modes = (torch.is_grad_enabled(), torch.is_inference_mode_enabled())
-    return (modes, describe_value(tuple(args), exact_floats), describe_value(dict(kwargs), exact_floats))
-
-
-def _floats_select_graphs() -> bool:
-    import torch._dynamo.config  # loaded already: the compiled call made a torch.compile
-
-    return torch._dynamo.config.specialize_float
-
-
-def make_call(signature: Tuple) -> Tuple[Tuple[bool, bool], tuple, dict]:
-    modes, args, kwargs = signature
-    return modes, make_value(args), make_value(kwargs)
-
-
-def structure(module: torch.nn.Module) -> List[tuple]:
-    """What the child's copy must match for its graphs to be this model's: every parameter and buffer (name, shape,
-    dtype, strides, requires_grad), every attention processor's class, and every forward replaced on an instance."""
-    found: List[tuple] = []
-    for name, tensor in list(module.named_parameters()) + list(module.named_buffers()):
-        found.append(("tensor", name, tuple(tensor.shape), str(tensor.dtype), tuple(tensor.stride()), tensor.requires_grad))
-    for name, sub in module.named_modules():
-        processor = getattr(sub, "processor", None)
-        if processor is not None:
-            found.append(("processor", name, f"{type(processor).__module__}.{type(processor).__qualname__}"))
-        forward = vars(sub).get("forward")
-        if forward is not None:
-            function = getattr(forward, "__func__", forward)
-            found.append(("forward", name, getattr(function, "__qualname__", type(function).__qualname__)))
-    return found
-
-
-def first_difference(theirs: List[tuple], ours: List[tuple]) -> Optional[str]:
-    """The first entry of ``ours`` (the original model) that the copy lacks or has otherwise, or None."""
-    copy = {entry[:2]: entry for entry in theirs}
-    for entry in ours:
-        other = copy.pop(entry[:2], None)
-        if other != entry:
-            return f"{entry[0]} {entry[1]!r}: the model has {entry[2:]}, the copy {other[2:] if other else 'nothing'}"
-    if copy:
-        entry = next(iter(copy.values()))
-        return f"{entry[0]} {entry[1]!r}: the copy has {entry[2:]}, the model nothing"
-    return None
-
-
-def why_not_rebuildable(module: torch.nn.Module) -> Optional[str]:
-    """Why another process cannot build ``module`` from its config, or None. Builds the copy on the meta device
-    (no memory, a fraction of a second) to find layers its config does not describe (LoRA, IP-Adapter)."""
-    cls = type(module)
-    if not callable(getattr(cls, "from_config", None)) or getattr(module, "config", None) is None:
-        return f"{cls.__qualname__} is not a diffusers model that can be built from its config"
-    if cls.__module__ == "__main__" or "<locals>" in cls.__qualname__:
-        return f"{cls.__qualname__} is defined in {cls.__module__}, which another process cannot import"
-    try:
-        with torch.device("meta"):
-            copy = cls.from_config(dict(module.config))
-    except Exception as error:  # noqa: BLE001 - the reason is the answer
-        return f"{cls.__qualname__}.from_config(its config) fails ({type(error).__name__}: {error})"
-    difference = first_difference(_unfused_shapes(copy), _unfused_shapes(module))
-    if difference:
-        return (f"it has layers a model built from its config lacks ({difference}); LoRA or IP-Adapter layers do "
-                "that: fuse and unload a LoRA first (pipe.fuse_lora(); pipe.unload_lora_weights())")  # fmt: skip
-    return None
-
-
-#: The layers that fusing an attention layer's projections adds (diffusers' fuse_projections, which diffopt's
-#: fuse_projections option calls and the child repeats): not layers the config leaves out.
-FUSED_PROJECTIONS = ("to_qkv", "to_kv", "to_added_qkv")
-
-
-def _unfused_shapes(model: torch.nn.Module) -> List[tuple]:
-    tensors = list(model.named_parameters()) + list(model.named_buffers())
-    return [("tensor", name, tuple(t.shape)) for name, t in tensors if name.split(".")[-2] not in FUSED_PROJECTIONS]
-
-
-def _settings() -> Dict[str, Dict[str, Any]]:
-    """This process's inductor and dynamo settings that pickle can carry: they are part of what a cached graph is
-    looked up by (the diffusers docs' compile recipe, for one, sets inductor options)."""
-    import torch._dynamo.config
-    import torch._inductor.config
-
-    found = {}
-    for name, config in (("inductor", torch._inductor.config), ("dynamo", torch._dynamo.config)):
-        values = {}
-        for key, value in config.save_config_portable().items():
-            try:
-                pickle.dumps(value)
-            except Exception:  # noqa: BLE001 - a callable pass or a lock: not a lookup key
-                continue
-            values[key] = value
-        found[name] = values
-    return found
 
 
 class Child:
@@ -294,8 +136,8 @@ class Loading:
 def _own_cuda_graph_trees() -> None:
     """Give this thread the CUDA-graph tree state inductor keeps per thread. Some torch versions (2.11 among them)
     set it up only in the thread that imported inductor (and in autograd's threads), so a compiled call with CUDA
-    graphs in another thread failed an assertion. The trees this thread records into stay with the compiled code: the calls that run it
-    later, in the caller's thread, replay them."""
+    graphs in another thread failed an assertion. The trees this thread records into stay with the compiled code:
+    the calls that run it later, in the caller's thread, replay them."""
     from torch._inductor import cudagraph_trees
 
     local = cudagraph_trees.local
@@ -317,8 +159,8 @@ class BackgroundCompile:
     ``call(args, kwargs, run_compiled)`` runs a call uncompiled while its inputs are not compiled here yet (starting
     a child for inputs no child has compiled, and a :class:`Loading` thread for those one has), and returns
     :data:`COMPILE` once they are, or when this has given up (the reason logged; the model compiles here).
-    ``run_compiled(args, kwargs)`` is the compiled call, which the thread runs. ``saved``: a saved compile was loaded
-    at optimize, so the first inputs go to the thread at once, with no child. ``cuda_graphs``: the uncompiled calls
+    ``run_compiled(args, kwargs)`` is the compiled call, which the thread runs. ``saved``: optimize found a saved
+    compile, so the first inputs go to the thread after the first call, with no child. ``cuda_graphs``: the uncompiled calls
     replay CUDA graphs of the eager forward (eager_graphs.py)."""
 
     def __init__(self, module: torch.nn.Module, name: str, options: Dict[str, Any], *, dynamic_batch: bool,
@@ -353,7 +195,7 @@ class BackgroundCompile:
             exact = describe_call(args, kwargs)
             if exact in self.compiled_exact:  # the common case once compiled: one description a call (16 us)
                 return COMPILE
-            signature = exact if _floats_select_graphs() else describe_call(args, kwargs, exact_floats=False)
+            signature = exact if floats_select_graphs() else describe_call(args, kwargs, exact_floats=False)
         except Undescribable as why:
             self.give_up(f"a call input cannot be described to another process ({why})")
             return COMPILE
@@ -434,7 +276,7 @@ class BackgroundCompile:
             structure=structure(module), model_options=self.model_options, options=self.options, name=self.name,
             dynamic_batch=self.dynamic_batch, new_step=self.new_step, entry_name=self.entry_name,
             cache=(str(self.cache.directory), self.cache.key) if self.cache is not None else None,
-            settings=_settings(),
+            settings=compile_settings(),
         )  # fmt: skip
 
     def _start(self) -> None:

@@ -20,7 +20,7 @@ import torch
 
 from .. import compile_cache
 from ..api import optimize
-from .background import first_difference, make_call, structure
+from .background_spec import first_difference, make_call, structure
 from .compile import apply_compile, name_entry
 
 

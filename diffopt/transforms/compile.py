@@ -24,7 +24,8 @@ from ..layers import ATTR as LAYERS
 from ..layers import Applied, Layer, attach, mark
 from ..report import SKIPPED
 from ..plan import Step
-from .background import COMPILE, MODEL_OPTIONS, BackgroundCompile, why_not_rebuildable
+from .background import COMPILE, MODEL_OPTIONS, BackgroundCompile
+from .background_spec import why_not_rebuildable
 from .timesteps import scalars_to_device
 
 logger = logging.getLogger(__name__)
