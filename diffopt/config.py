@@ -190,7 +190,8 @@ class OptimizeConfig:
     #: uncompiled calls replay CUDA graphs of the eager forward (faster than eager). Costs a second copy of the
     #: model's weights on its device while the other process runs. For models compiled whole (UNets, ControlNets);
     #: a transformer's blocks compile in seconds anyway. None (the default): on for those models on CUDA with CUDA
-    #: graphs, where another process can build them and the device has room, with a report line where not.
+    #: graphs, where another process can build them, they hold 100 MiB of weights or more (a test's tiny random
+    #: model compiles at its first call) and the device has room, with a report line where not.
     #: True: required for every such model (an error where one cannot). False: compile in this process.
     background_compile: Optional[bool] = None
     #: Compile every batch size into one graph (the inputs' batch dimension marked dynamic), so a new batch size

@@ -324,9 +324,10 @@ def test_the_benchmark_times_compiled_calls_after_a_first_call_run_uncompiled():
     diffopt.restore(pipe)
 
 
-def _decide(model, config, device="cuda", free_gib=80.0, options=None, reserved=None):
-    """wants_background for ``model`` as if it sat on ``device`` with ``free_gib`` free: the default's rules are
-    about a CUDA device, which a CPU test can only pretend to have."""
+def _decide(model, config, device="cuda", free_gib=80.0, options=None, reserved=None, small=0):
+    """wants_background for ``model`` as if it sat on ``device`` with ``free_gib`` free, and models under ``small``
+    bytes of weights were small: the default's rules are about a CUDA device and full-size models, which a CPU test
+    can only pretend to have."""
     from unittest import mock
 
     from diffopt.components import find_components
@@ -338,7 +339,8 @@ def _decide(model, config, device="cuda", free_gib=80.0, options=None, reserved=
     ctx = Context(target=model, config=config, report=Report(), components=[component])
     options = {"mode": "reduce-overhead", "fullgraph": True} if options is None else options
     with mock.patch.object(compile_transform, "execution_device", lambda module: torch.device(device)), \
-            mock.patch.object(torch.cuda, "mem_get_info", lambda device: (int(free_gib * 2**30), 80 * 2**30)):
+            mock.patch.object(torch.cuda, "mem_get_info", lambda device: (int(free_gib * 2**30), 80 * 2**30)), \
+            mock.patch.object(compile_transform, "BACKGROUND_MIN_WEIGHTS", small):
         chosen = compile_transform.wants_background(component, options, ctx, {} if reserved is None else reserved)
     return chosen, [s.detail for s in ctx.report.skipped if s.transform == "background_compile"]
 
@@ -353,6 +355,9 @@ def test_by_default_models_on_cuda_with_cuda_graphs_compile_in_the_background_wh
     # Silent where the compile uses no CUDA graphs (a CPU, or CUDA graphs turned off): it compiles here, as asked.
     assert _decide(unet, default, device="cpu") == (False, [])
     assert _decide(unet, default, options={"fullgraph": True}) == (False, [])
+    # A small model (a test suite's): it compiles here, and the report says why.
+    chosen, (detail,) = _decide(unet, default, small=100 << 20)
+    assert not chosen and "a small model" in detail and "MiB of weights" in detail
     # Too little room for a second copy of the weights: it compiles here, and the report says why.
     chosen, (detail,) = _decide(unet, default, free_gib=1.0)
     assert not chosen and "1.0 GiB free" in detail and "a copy of the weights" in detail
@@ -366,7 +371,7 @@ def test_by_default_models_on_cuda_with_cuda_graphs_compile_in_the_background_wh
     chosen, (detail,) = _decide(unet, default, options={"mode": "reduce-overhead", "backend": lambda gm, inputs: gm})
     assert not chosen and "backend is a function" in detail
     # Asked for by name: every such model, memory unchecked, and an error where one cannot.
-    assert _decide(unet, OptimizeConfig(background_compile=True), device="cpu", free_gib=0.0) == (True, [])
+    assert _decide(unet, OptimizeConfig(background_compile=True), device="cpu", free_gib=0.0, small=100 << 20) == (True, [])
     with pytest.raises(UnsupportedFeatureError, match="backend is a function"):
         _decide(unet, OptimizeConfig(background_compile=True), options={"backend": lambda gm, inputs: gm})
     assert _decide(unet, OptimizeConfig(background_compile=False)) == (False, [])

@@ -172,13 +172,23 @@ def test_transformer_blocks_compile_by_default_and_cuda_graphs_named_compile_it_
     diffopt.restore(pipe)
 
 
+def test_by_default_a_small_model_compiles_at_its_first_call_and_the_report_says_why():
+    pipe = sd_pipeline().to("cuda", torch.float16)
+    report = diffopt.optimize(pipe)
+    (skipped,) = [s for s in report.skipped if s.transform == "background_compile"]
+    assert skipped.component == "unet" and "a small model" in skipped.detail
+    assert vars(pipe.unet)["_compiled_call_impl"].background is None
+    diffopt.restore(pipe)
+
+
 @pytest.mark.compile
 @pytest.mark.parametrize("nets", [0, 1])
 def test_background_compile_replays_eager_cuda_graphs_then_switches_to_the_compiled_model(tmp_path, monkeypatch, nets):
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))  # inherited by the child
     pipe = sd_pipeline(controlnet=_controlnets(nets) if nets else None).to("cuda", torch.float16)
     eager = run_pipeline(pipe, steps=3).float()
-    report = diffopt.optimize(pipe, compile_cache=tmp_path / "saved")  # the default on CUDA
+    # Named: by default, models this small compile in the foreground (full-size ones in the background).
+    report = diffopt.optimize(pipe, background_compile=True, compile_cache=tmp_path / "saved")
     assert "CUDA graphs of the eager forward" in str(report)
     models = [pipe.unet] + ([pipe.controlnet] if nets else [])
     calls = [vars(m)["_compiled_call_impl"] for m in models]
@@ -197,7 +207,7 @@ def test_background_compile_replays_eager_cuda_graphs_then_switches_to_the_compi
     assert torch.equal(run_pipeline(pipe, steps=3).float(), run_pipeline(pipe, steps=3).float())
     # A new pipeline of the same model in this process: the saved compile is loaded in a thread, with no child.
     again = sd_pipeline(controlnet=_controlnets(nets) if nets else None).to("cuda", torch.float16)
-    report = diffopt.optimize(again, compile_cache=tmp_path / "saved")
+    report = diffopt.optimize(again, background_compile=True, compile_cache=tmp_path / "saved")
     assert "loaded from the saved compile in a thread" in str(report)
     assert rel_l2(run_pipeline(again, steps=3).float(), eager) < FP16_BOUND
     assert diffopt.wait_until_compiled(again, timeout=600)
