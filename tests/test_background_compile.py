@@ -382,3 +382,34 @@ def test_cpu_models_compile_in_this_process_by_default():
     report = diffopt.optimize(unet, compile=FAST, compile_cache=False)
     assert background_of(unet) is None and not [s for s in report.steps if s.transform == "background_compile"]
     diffopt.restore(unet)
+
+
+def test_the_loading_thread_sets_up_the_cuda_graph_state_torch_keeps_per_thread(monkeypatch):
+    """torch 2.11 finds no CUDA-graph tree state in a thread it did not start, and asserts (newer versions set it up
+    on demand, which is patched away here to act the same): the loading thread sets it up itself."""
+    import threading
+
+    from torch._inductor import cudagraph_trees
+
+    from diffopt.transforms.background import _own_cuda_graph_trees
+
+    def like_torch_2_11(local):
+        raise AssertionError("no CUDA-graph tree state in this thread")
+
+    monkeypatch.setattr(cudagraph_trees, "_initialize_tls", like_torch_2_11, raising=False)
+    found = {}
+
+    def thread(setup):
+        if setup:
+            _own_cuda_graph_trees()
+        try:
+            found[setup] = cudagraph_trees.get_obj(cudagraph_trees.local, "tree_manager_containers")
+        except AssertionError as error:
+            found[setup] = error
+
+    for setup in (False, True):
+        worker = threading.Thread(target=thread, args=(setup,))
+        worker.start()
+        worker.join()
+    assert isinstance(found[False], AssertionError)  # what the GPU test met, without the setup
+    assert isinstance(found[True], dict) and found[True] is not cudagraph_trees.local.tree_manager_containers
