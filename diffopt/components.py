@@ -83,6 +83,11 @@ def module_dtype(module: torch.nn.Module) -> torch.dtype:
     return torch.get_default_dtype()
 
 
+def tensor_bytes(tensors) -> int:
+    """The bytes ``tensors`` hold."""
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
 def conv_share(module: torch.nn.Module) -> float:
     """Share of the parameters that sit in 2-D convolutions: what channels_last can speed up."""
     total = sum(p.numel() for p in module.parameters())

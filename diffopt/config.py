@@ -10,7 +10,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from numbers import Real
-from typing import Any, FrozenSet, Mapping, Optional, Union
+from typing import Any, FrozenSet, List, Mapping, Optional, Union
 
 # ATTENTION_CHOICES: processor families ("sdpa": let torch pick the kernel, "default": the classic processors,
 # "xformers"), torch's SDPA kernels forced by name, backends of diffusers' attention dispatcher, "auto" (the fastest
@@ -254,13 +254,9 @@ class OptimizeConfig:
         if self.compile_blocks is True and self.compile is False:
             raise ValueError("compile_blocks=True compiles the denoiser's blocks, but compile=False turns compiling off; "
                              "drop one of them")  # fmt: skip
-        if self.background_compile is True:
-            clashes = [text for text, clash in (("compile=False", self.compile is False),
-                                                (f"quantize={self.quantize!r}", self.quantize is not None),
-                                                (f"cache={self.cache!r}", self.cache is not None)) if clash]  # fmt: skip
-            if clashes:
-                raise ValueError(f"background_compile=True compiles in another process, which cannot reproduce "
-                                 f"{clashes[0]}; drop one of them")  # fmt: skip
+        if self.background_compile is True and self.not_reproducible():
+            raise ValueError(f"background_compile=True compiles in another process, which cannot reproduce "
+                             f"{self.not_reproducible()[0]}; drop one of them")  # fmt: skip
         no_dynamic = self.compile is False or (isinstance(self.compile, Mapping) and self.compile.get("dynamic") is False)
         if self.dynamic_batch and no_dynamic:
             raise ValueError(f"dynamic_batch=True marks the batch dimension of compiled graphs dynamic, but "
@@ -269,6 +265,12 @@ class OptimizeConfig:
         unknown = set(self.explicit) - set(self.option_names())
         if unknown:
             raise ValueError(f"unknown explicit options {sorted(unknown)}; options are {list(self.option_names())}")
+
+    def not_reproducible(self) -> List[str]:
+        """The options another process cannot reproduce, which a background compile would need to."""
+        return [text for text, clash in (("compile=False", self.compile is False),
+                                         (f"quantize={self.quantize!r}", self.quantize is not None),
+                                         (f"cache={self.cache!r}", self.cache is not None)) if clash]  # fmt: skip
 
     @staticmethod
     def _check_compile_options(options: dict) -> None:

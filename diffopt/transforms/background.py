@@ -41,6 +41,7 @@ from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
 import torch
 
+from ..components import execution_device
 from .background_spec import Undescribable, compile_settings, describe_call, floats_select_graphs, make_call, structure
 
 logger = logging.getLogger(__name__)
@@ -94,10 +95,11 @@ def _stop_process(process: subprocess.Popen, directory: pathlib.Path) -> None:
 
 
 class Loading:
-    """A thread that compiles here, from the caches, the signatures a child compiled (or a loaded saved compile
-    holds): it reloads the compile cache entry ``cache`` (what the child saved; None: nothing to reload) and runs ``run_compiled(args,
-    kwargs)`` once per signature, in order, with inputs of its shapes. The calls meanwhile keep running uncompiled:
-    dynamo's tracing is host work, and the uncompiled calls replaying CUDA graphs hardly need the host."""
+    """A thread that compiles here, from the caches, the signatures a child compiled (or the saved compile found at
+    optimize holds): it loads the compile cache entry ``cache`` again (what the child or an earlier run saved; None:
+    the cache is off, torch's own caches hold it) and runs ``run_compiled(args, kwargs)`` once per signature, in
+    order, with inputs of its shapes. The calls meanwhile keep running uncompiled: dynamo's tracing is host work, and
+    the uncompiled calls replaying CUDA graphs hardly need the host."""
 
     def __init__(self, name: str, signatures: List[Tuple], run_compiled: Callable, cache, device: torch.device):
         self.signatures, self.error, self.where = list(signatures), None, ""
@@ -178,7 +180,6 @@ class BackgroundCompile:
         self.compiled_exact: Set[Tuple] = set()  # the calls (floats by value) found compiled, looked up first
         self.child: Optional[Child] = None
         self.loading: Optional[Loading] = None
-        self.reload = False  # a child saved to the cache entry since it was last loaded
         self.given_up: Optional[str] = None
 
     @property
@@ -203,7 +204,6 @@ class BackgroundCompile:
             self.seen.append(signature)
             if self.saved and len(self.seen) == 1:
                 self.compiled.add(signature)  # what the saved compile holds: loaded here, no child
-                self.reload = True  # the thread loads the saved compile first
                 logger.warning("diffopt: loading %s from the saved compile in a thread (seconds); running it "
                                "uncompiled until then", self.name)  # fmt: skip
             else:
@@ -224,7 +224,7 @@ class BackgroundCompile:
                 # Replays queue up faster than the GPU runs them, and a full launch queue blocks this thread in
                 # the next launch, holding the GIL the thread's tracing needs (SDXL on an H200: a 40-s load instead
                 # of 20). Waiting here releases it.
-                torch.cuda.current_stream(self.eager_graphs.device).synchronize()
+                torch.cuda.current_stream(execution_device(self.module)).synchronize()
         else:
             output = self.module._call_impl(*args, **kwargs)
         self._start_next(run_compiled)  # after the call: a new signature's graph is recorded before a thread starts
@@ -242,10 +242,8 @@ class BackgroundCompile:
             return
         to_load = [s for s in self.seen if s in self.compiled and s not in self.loaded]
         if self.loading is None and to_load:
-            from ..components import execution_device
-
-            cache, self.reload = (self.cache if self.reload else None), False
-            self.loading = Loading(self.name, to_load, run_compiled, cache, execution_device(self.module))
+            # Each thread has something new in the cache entry to load: a child's work, or the saved compile.
+            self.loading = Loading(self.name, to_load, run_compiled, self.cache, execution_device(self.module))
         if self.child is None and any(s not in self.compiled for s in self.seen):
             self._start()
 
@@ -268,8 +266,6 @@ class BackgroundCompile:
         return True
 
     def _spec(self) -> Dict[str, Any]:
-        from ..components import execution_device
-
         module, cls = self.module, type(self.module)
         return dict(
             model=(cls.__module__, cls.__qualname__), config=dict(module.config), device=str(execution_device(module)),
@@ -298,7 +294,6 @@ class BackgroundCompile:
             return
         child.stop()
         self.compiled.update(child.signatures)
-        self.reload = True
         logger.warning("diffopt: %s compiled in a background process in %.1f s; loading it here in a thread "
                        "(seconds) while the calls go on uncompiled", self.name, seconds)  # fmt: skip
 

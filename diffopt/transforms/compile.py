@@ -18,7 +18,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional
 import torch
 
 from .. import capabilities
-from ..components import CONTROLNET, DENOISER, VAE, Component, execution_device
+from ..components import CONTROLNET, DENOISER, VAE, Component, execution_device, tensor_bytes
 from ..config import takes_mode
 from ..layers import ATTR as LAYERS
 from ..layers import Applied, Layer, attach, mark
@@ -596,7 +596,8 @@ def wants_background(component: Component, options: Dict[str, Any], ctx, reserve
     ControlNet, or an error saying why one cannot. None (the default): those on CUDA whose compiled code replays CUDA
     graphs (the uncompiled calls replay CUDA graphs of the eager forward, so the first images come at once and at
     better than eager speed), where another process can build the model, the model is not small, and the device has
-    room for it; the others compile here, with a report line saying why. ``reserved`` (per device) adds up the planned ones' memory."""
+    room for it; the others compile here, with a report line saying why. ``reserved`` (per device) adds up the
+    memory of the ones planned so far."""
     setting = ctx.config.background_compile
     if setting is False:
         return False
@@ -623,9 +624,9 @@ def wants_background(component: Component, options: Dict[str, Any], ctx, reserve
 
 def why_no_background(component: Component, options: Dict[str, Any], config) -> Optional[str]:
     """Why another process cannot compile ``component`` for this one, or None."""
-    clash = [f"{name}={getattr(config, name)!r}" for name in ("quantize", "cache") if getattr(config, name) is not None]
-    if clash:
-        return f"another process cannot reproduce {clash[0]}"
+    clashes = config.not_reproducible()
+    if clashes:
+        return f"another process cannot reproduce {clashes[0]}"
     module = component.module
     reason = why_not_rebuildable(module)
     if reason is None and not isinstance(options.get("backend", "inductor"), str):
@@ -649,7 +650,7 @@ BACKGROUND_MIN_WEIGHTS = 100 << 20
 def background_room(module: torch.nn.Module, device: torch.device, reserved: Dict[str, int]) -> Optional[str]:
     """Why ``module`` does not compile in the background by default (a small model, or no room on ``device`` for a
     second copy of its weights plus :data:`BACKGROUND_HEADROOM`), or None, reserving that room in ``reserved``."""
-    weights = sum(t.numel() * t.element_size() for t in list(module.parameters()) + list(module.buffers()))
+    weights = tensor_bytes(list(module.parameters()) + list(module.buffers()))
     if weights < BACKGROUND_MIN_WEIGHTS:
         return (f"a small model ({weights / 2**20:.1f} MiB of weights, under {BACKGROUND_MIN_WEIGHTS >> 20} MiB) "
                 "compiles quickly; background_compile=True compiles it in another process anyway")  # fmt: skip
@@ -664,8 +665,8 @@ def background_room(module: torch.nn.Module, device: torch.device, reserved: Dic
 
 
 def background_for(component: Component, options: Dict[str, Any], new_step: bool, ctx, cache):
-    """The BackgroundCompile for ``component``. Where a saved compile was loaded, it needs no child: a thread
-    compiles from it while the first calls run uncompiled."""
+    """The BackgroundCompile for ``component``. Where optimize found a saved compile, it needs no child: a thread
+    loads it while the first calls run uncompiled."""
     config = ctx.config
     module = component.module
     # The uncompiled calls replay CUDA graphs of the eager forward where the compiled ones will replay CUDA graphs.

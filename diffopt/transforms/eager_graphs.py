@@ -47,9 +47,7 @@ class EagerGraphs:
     """The recorded eager graphs of one CUDA model, per call signature."""
 
     def __init__(self, module: torch.nn.Module, name: str):
-        from ..components import execution_device
-
-        self.module, self.name, self.device = module, name, execution_device(module)
+        self.module, self.name = module, name
         self.recorded: Dict[Hashable, Optional[Recorded]] = {}  # None: recording failed, run plain eager code
         self.replays = 0
 

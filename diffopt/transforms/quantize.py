@@ -35,7 +35,7 @@ from typing import List, Optional, Tuple
 import torch
 
 from .. import capabilities
-from ..components import CONTROLNET, DENOISER, execution_device
+from ..components import CONTROLNET, DENOISER, execution_device, tensor_bytes
 from ..layers import Applied, Layer, attach, detach, mark
 from ..plan import Step
 from ..report import SKIPPED
@@ -156,7 +156,7 @@ def _granularity(mode: str, dtypes) -> str:
 
 
 def _megabytes(tensors) -> float:
-    return sum(t.numel() * t.element_size() for t in tensors) / 2**20
+    return tensor_bytes(tensors) / 2**20
 
 
 def describe_skipped(skipped: Counter) -> str:
